@@ -1,0 +1,7 @@
+"""PLACEHOLDER (being written): NVIDIA Triton adapter."""
+from gateway.backends.base import Backend
+
+
+class TritonBackend(Backend):
+    kind = "triton"
+    options = {}

@@ -1,0 +1,186 @@
+"""Image decoding and per-model preprocessing.
+
+Pure functions: bytes -> PIL image -> uint8 HWC array -> model tensor.  This module
+depends only on numpy and Pillow so that TorchServe's handler can ship it inside a
+``.mar`` and preprocess exactly as the gateway does (one implementation, not two).
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name -> (mean, std) in 0..1 pixel units: value = (x/255 - mean) / std
+SCALINGS = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),  # torchvision convention
+    "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # Keras MobileNetV2: x/127.5 - 1
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # x/255
+    "raw": ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)),  # 0..255 unchanged
+}
+RESIZES = ("stretch", "center_crop")
+LAYOUTS = ("NCHW", "NHWC")
+DTYPES = ("float32", "float16", "uint8")
+
+MAX_SIDE = 65_535  # larger is never a real photo; PIL would still try to allocate it
+
+
+class ImageError(ValueError):
+    """The bytes are not an image we can classify (maps to HTTP 400)."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """How one model wants its input tensor built."""
+
+    size: tuple[int, int] = (224, 224)  # (height, width)
+    resize: str = "stretch"  # stretch to size, or resize shorter side then center crop
+    crop_ratio: float = 0.875  # center_crop only: size / resized shorter side
+    scaling: str = "imagenet"
+    layout: str = "NCHW"
+    dtype: str = "float32"
+    mean: tuple[float, float, float] | None = None  # override the scaling's mean/std
+    std: tuple[float, float, float] | None = None
+    _affine: tuple = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name, value, allowed in (
+            ("resize", self.resize, RESIZES),
+            ("scaling", self.scaling, SCALINGS),
+            ("layout", self.layout, LAYOUTS),
+            ("dtype", self.dtype, DTYPES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name}: {value!r} is not one of {sorted(allowed)}")
+        if len(self.size) != 2 or min(self.size) < 1 or max(self.size) > 4096:
+            raise ValueError(f"size: {list(self.size)!r} must be [height, width] within 1..4096")
+        if not 0.1 <= self.crop_ratio <= 1.0:
+            raise ValueError(f"crop_ratio: {self.crop_ratio} must be within 0.1..1.0")
+        mean, std = SCALINGS[self.scaling]
+        mean = self.mean if self.mean is not None else mean
+        std = self.std if self.std is not None else std
+        if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
+            raise ValueError("mean/std: need three values each, std non-zero")
+        # x * scale + offset == (x/255 - mean) / std, computed once in float32
+        scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)
+        offset = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)
+        object.__setattr__(self, "_affine", (scale, offset))
+
+    def to_dict(self) -> dict:
+        return {
+            "size": list(self.size), "resize": self.resize, "crop_ratio": self.crop_ratio,
+            "scaling": self.scaling, "layout": self.layout, "dtype": self.dtype,
+            **({"mean": list(self.mean)} if self.mean else {}),
+            **({"std": list(self.std)} if self.std else {}),
+        }
+
+
+def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size=None) -> Image.Image:
+    """Decode bytes into an RGB image, refusing anything that is not a sane picture.
+
+    ``draft_size`` (width, height) lets the JPEG decoder downscale by 1/2, 1/4 or 1/8
+    while decoding, which makes large photos several times cheaper; the result is still
+    at least that big.
+    """
+    if not data:
+        raise ImageError("empty image: the body holds no bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width < 1 or height < 1 or width > MAX_SIDE or height > MAX_SIDE:
+                raise ImageError(f"absurd image dimensions {width}x{height}")
+            if width * height > max_pixels:
+                raise ImageError(
+                    f"image has {width}x{height} = {width * height} pixels, "
+                    f"more than the limit of {max_pixels}")
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", _draft_target(img.size, draft_size))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"image refused as a decompression bomb: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("cannot identify image file: not a supported image format") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
+            MemoryError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"image could not be decoded: {exc}") from None
+
+
+def _draft_target(size, target):
+    """The draft request that keeps the decoded image >= target on both sides.
+
+    PIL's draft picks the largest reduction that keeps the image at least the requested
+    size; ask for twice the target so the final resize still filters from more pixels.
+    """
+    tw, th = target
+    return (min(size[0], 2 * tw), min(size[1], 2 * th))
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, I, F, ...) to 8-bit RGB."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize (and crop) an RGB image to the spec's size; returns uint8 HWC."""
+    height, width = spec.size
+    if spec.resize == "stretch":
+        out = img.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+    else:
+        short = min(height, width) / spec.crop_ratio
+        scale = short / min(img.size)
+        rw, rh = max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))
+        out = img.resize((rw, rh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (rw - width) // 2, (rh - height) // 2
+        out = out.crop((left, top, left + width, top + height))
+    return np.asarray(out, dtype=np.uint8)
+
+
+def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """uint8 HWC (or NHWC) pixels -> the model's scaling, layout and dtype."""
+    if spec.dtype == "uint8":
+        out = pixels
+    else:
+        scale, offset = spec._affine
+        out = pixels.astype(np.float32)
+        out *= scale
+        out += offset
+        if spec.dtype == "float16":
+            out = out.astype(np.float16)
+    if spec.layout == "NCHW":
+        out = np.moveaxis(out, -1, -3)
+    return np.ascontiguousarray(out)
+
+
+def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """One decoded image -> one model input (no batch axis)."""
+    return normalize(resize(img, spec), spec)
+
+
+def preprocess_bytes(data: bytes, spec: PreprocessSpec, max_pixels: int = 40_000_000) -> np.ndarray:
+    """Encoded image bytes -> one model input, decoding large JPEGs in draft mode."""
+    draft = (spec.size[1], spec.size[0])
+    return preprocess_image(decode_image(data, max_pixels, draft_size=draft), spec)
