@@ -7,6 +7,7 @@ batch (N, ...) ndarray and returns the model's raw (N, classes) output.  Backend
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
 
 class Backend:
     kind: str = ""
+    root: Path = Path(".")  # the config file's folder; the gateway sets it before load()
 
     def __init__(self, settings: "BackendSettings"):
         self.settings = settings

@@ -25,9 +25,8 @@ class EmbeddedBackend(Backend):
     kind = "embedded"
     options = {"model_dir": "onnx", "intra_op_threads": 0}
 
-    def __init__(self, settings, root: Path | None = None):
+    def __init__(self, settings):
         super().__init__(settings)
-        self.root = Path(root or ".")
         self._sessions: dict[str, object] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()

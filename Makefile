@@ -1,0 +1,33 @@
+# Two commands: `make serve` and `make test`. Everything else is a step they run.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup serve test models bench clean
+
+setup: $(STAMP) models
+
+# Pinned dependencies; torch 2.13.0 resolves to the machine's local CPU wheel (never CUDA).
+$(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Idempotent: builds only the model artifacts that are missing.
+models: $(STAMP)
+	$(BIN)/gateway models build
+
+serve: setup
+	$(BIN)/gateway serve --config gateway.yaml --host 127.0.0.1 --port 8000
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/embedded_bench.py
+
+clean:
+	rm -rf run onnx artifacts.json model_repository/*/1 torchserve/model_store tfserving/models

@@ -1,0 +1,46 @@
+"""GET /v1/models and /v1/models/<model>: what is served, how, and whether it is ready."""
+from __future__ import annotations
+
+from flask import Blueprint, current_app, jsonify
+
+bp = Blueprint("models", __name__)
+
+
+def _route_info(gateway, route, with_metadata: bool) -> dict:
+    info = {
+        "name": route.name, "backend": route.backend,
+        "kind": gateway.config.backends[route.backend].kind,
+        "backend_model": route.model, "version": route.version,
+        "preprocess": route.preprocess.to_dict(), "output": route.output,
+        "ready": gateway.route_ready(route), **gateway.health.state(route),
+    }
+    if with_metadata and info["ready"]:
+        try:
+            info["metadata"] = gateway.backends[route.backend].metadata(route)
+        except Exception as exc:  # metadata is informative only; never fail the listing
+            info["metadata"] = {"error": str(exc)}
+    return info
+
+
+def describe(gateway, model, with_metadata: bool = False) -> dict:
+    routes = [_route_info(gateway, r, with_metadata) for r in model.routes]
+    return {
+        "name": model.name, "weights": model.weights, "labels": len(model.labels),
+        "labels_source": model.labels_source, "output": model.output,
+        "preprocess": model.preprocess.to_dict(),
+        "default": model.name == gateway.config.server.default_model,
+        "ready": any(r["ready"] for r in routes), "routes": routes,
+    }
+
+
+@bp.get("/v1/models")
+def list_models():
+    gateway = current_app.extensions["gateway"]
+    return jsonify({"default_model": gateway.config.server.default_model,
+                    "models": [describe(gateway, m) for m in gateway.config.models.values()]})
+
+
+@bp.get("/v1/models/<model>")
+def get_model(model: str):
+    gateway = current_app.extensions["gateway"]
+    return jsonify(describe(gateway, gateway.model(model), with_metadata=True))

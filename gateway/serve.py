@@ -1,0 +1,79 @@
+"""`gateway serve`: the Flask app under gunicorn (threaded workers), never Flask's dev server."""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from gateway.config import ConfigError, load_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run the HTTP gateway (gunicorn)")
+    p.add_argument("--config", default="gateway.yaml", help="YAML config file (default: gateway.yaml)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    p.add_argument("--threads", type=int, default=4, help="threads per worker (default: 4)")
+    p.set_defaults(func=serve)
+
+
+def serve(args) -> int:
+    config_path = Path(args.config).resolve()
+    try:
+        config = load_config(config_path)  # fail fast, naming the bad key, before forking
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.workers < 1 or args.threads < 1:
+        print("gateway: --workers and --threads must be at least 1", file=sys.stderr)
+        return 2
+    # Before prometheus_client is imported anywhere: workers share metrics through files.
+    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.environ["GATEWAY_WORKERS"] = str(args.workers)
+    os.environ["GATEWAY_CONFIG"] = str(config_path)
+
+    from gunicorn.app.base import BaseApplication
+
+    class GatewayServer(BaseApplication):
+        def load_config(self):
+            options = {
+                "bind": f"{args.host}:{args.port}",
+                "workers": args.workers,
+                "threads": args.threads,
+                "worker_class": "gthread",
+                "timeout": int(config.server.request_timeout_s) + 30,
+                "graceful_timeout": 10,
+                "keepalive": 5,
+                "accesslog": None,
+                "errorlog": "-",
+                "loglevel": "info",
+                "child_exit": _child_exit,
+                "on_exit": lambda server: _cleanup(metrics_dir),
+            }
+            for key, value in options.items():
+                self.cfg.set(key, value)
+
+        def load(self):  # runs in each worker after fork: ONNX sessions are per process
+            from gateway.app import create_app
+
+            return create_app(load_config(config_path))
+
+    print(f"gateway: serving {config_path.name} on http://{args.host}:{args.port} "
+          f"({args.workers} workers x {args.threads} threads)", file=sys.stderr)
+    GatewayServer().run()
+    return 0
+
+
+def _child_exit(server, worker) -> None:
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def _cleanup(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

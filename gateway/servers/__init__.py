@@ -1,0 +1,1 @@
+"""Launchers for real backend servers on this machine (and Docker images where an engine exists)."""

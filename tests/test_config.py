@@ -1,0 +1,100 @@
+"""Config validation: every mistake stops start-up with a message naming the bad key."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, load_yaml_config, write_config
+from gateway.config import ConfigError, load_config, parse_config
+
+
+def parse(data):
+    return parse_config(data, ROOT)
+
+
+def test_default_config_is_valid_and_complete():
+    config = load_config(ROOT / "gateway.yaml")
+    assert config.server.default_model == "efficientnet_lite0"
+    assert config.backends["embedded"].kind == "embedded"
+    mobilenet = config.models["mobilenet_v2"]
+    assert mobilenet.routes[0].backend == "embedded"
+    tf_route = next(r for r in mobilenet.routes if r.name == "triton-tf")
+    assert tf_route.preprocess.layout == "NHWC" and tf_route.preprocess.scaling == "tf"
+    assert tf_route.preprocess.size == (224, 224)  # inherited from the model
+    assert tf_route.output == "probabilities"
+    assert len(mobilenet.labels) == 1000 and mobilenet.labels[285] == "Egyptian cat"
+
+
+def mutate(path: str, value):
+    """Set (or with value=KeyError, delete) a dotted path in a fresh copy of gateway.yaml."""
+    data = load_yaml_config()
+    *parents, last = path.split(".")
+    node = data
+    for part in parents:
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    if value is KeyError:
+        del node[last]
+    elif isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+    return data
+
+
+@pytest.mark.parametrize("path,value,named", [
+    ("server.max_body_bytes", -1, "server.max_body_bytes"),
+    ("server.default_top_k", "five", "server.default_top_k"),
+    ("server.colour", "blue", "server.colour"),
+    ("server.default_model", "resnet", "server.default_model"),
+    ("backends.triton.kind", "kserve", "backends.triton.kind"),
+    ("backends.triton.url", "localhost:8010", "backends.triton.url"),
+    ("backends.triton.timeout_s", 0, "backends.triton.timeout_s"),
+    ("backends.embedded.threads", 4, "backends.embedded.threads"),
+    ("models.efficientnet_lite0.output", "scores", "models.efficientnet_lite0.output"),
+    ("models.efficientnet_lite0.labels", "nowhere.txt", "models.efficientnet_lite0.labels"),
+    ("models.efficientnet_lite0.routes", [], "models.efficientnet_lite0.routes"),
+    ("models.efficientnet_lite0.preprocess.layout", "NWHC", "models.efficientnet_lite0.preprocess.layout"),
+    ("models.efficientnet_lite0.preprocess.sizes", [1, 2], "models.efficientnet_lite0.preprocess.sizes"),
+    ("models.mobilenet_v2.routes.0.backend", "onnx", "models.mobilenet_v2.routes[0].backend"),
+    ("models.mobilenet_v2.routes.1.name", "embedded", "models.mobilenet_v2.routes[1].name"),
+    ("models.mobilenet_v2.routes.3.preprocess.scaling", "caffe", "models.mobilenet_v2.routes[3].preprocess.scaling"),
+])
+def test_bad_key_or_value_is_named(path, value, named):
+    with pytest.raises(ConfigError) as info:
+        parse(mutate(path, value))
+    assert str(info.value).startswith(named), str(info.value)
+
+
+def test_top_level_and_type_errors():
+    with pytest.raises(ConfigError, match="<top level>.extra"):
+        parse({**load_yaml_config(), "extra": 1})
+    with pytest.raises(ConfigError, match="backends: expected a mapping"):
+        parse({**load_yaml_config(), "backends": [1, 2]})
+
+
+def test_weights_come_from_the_build_manifest(tmp_path):
+    data = load_yaml_config()
+    manifest = tmp_path / "artifacts.json"
+    manifest.write_text('{"models": {"mobilenet_v2": {"weights": "random"}}}')
+    data["server"]["artifacts"] = str(manifest)
+    config = parse(data)
+    assert config.models["mobilenet_v2"].weights == "random"
+    assert config.models["efficientnet_lite0"].weights == "unknown"
+
+
+def test_serve_refuses_to_start_on_a_bad_config():
+    bad = write_config(mutate("backends.triton.kind", "kserve"))
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(bad), "--port", "1"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+    finally:
+        bad.unlink()
+    assert proc.returncode == 2
+    assert "backends.triton.kind" in proc.stderr
+
+
+def test_yaml_syntax_error_is_reported(tmp_path):
+    path = tmp_path / "g.yaml"
+    path.write_text("server: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
