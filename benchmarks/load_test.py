@@ -1,0 +1,111 @@
+"""Load: N concurrent clients for S seconds against a gateway; errors, p50/p99, memory over time.
+
+Starts its own gateway on gateway.yaml (2 workers) unless --url is given, forces one route
+with --backend, samples the RSS of the gateway's processes every second and reports whether
+memory stayed flat (last quarter vs. second quarter of the run).
+
+    .venv/bin/python benchmarks/load_test.py --clients 8 --duration 60 --backend embedded
+    .venv/bin/python benchmarks/load_test.py --clients 8 --duration 60 --backend triton
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from common import ROOT, photos, summarize
+from conftest import GatewayProcess
+
+
+def rss_mb(root_pid: int) -> float:
+    """Resident memory of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        stack.extend(children.get(pid, []))
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--duration", type=float, default=60.0)
+    ap.add_argument("--model", default="efficientnet_lite0")
+    ap.add_argument("--backend", default=None, help="force one route (?backend=)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--url", default=None, help="use a running gateway instead of starting one")
+    args = ap.parse_args()
+
+    gw = None if args.url else GatewayProcess(ROOT / "gateway.yaml", workers=args.workers)
+    url = args.url or gw.url
+    items = list(photos().values())
+    params = {"backend": args.backend} if args.backend else {}
+    latencies, errors, statuses, lock = [], [0], {}, threading.Lock()
+    stop_at = time.monotonic() + args.duration
+    memory: list[tuple[float, float]] = []
+
+    def client(n: int) -> None:
+        session, i = requests.Session(), n
+        while time.monotonic() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                r = session.post(f"{url}/v1/models/{args.model}/classify", params=params,
+                                 data=items[i % len(items)], headers={"Content-Type": "image/jpeg"}, timeout=60)
+                ok = r.status_code == 200
+                with lock:
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+            except requests.RequestException:
+                ok = False
+            with lock:
+                if ok:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors[0] += 1
+            i += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        if gw is not None:
+            memory.append((time.monotonic() - started, rss_mb(gw.proc.pid)))
+        time.sleep(1.0)
+    wall = time.monotonic() - started
+    if gw is not None:
+        gw.stop()
+
+    s = summarize(latencies, wall, errors[0])
+    print(f"{args.clients} clients x {args.duration:.0f} s, model {args.model}, backend {args.backend or 'auto'}")
+    print(f"requests {s['requests']}  errors {s['errors']}  statuses {statuses}  "
+          f"throughput {s['throughput']:.1f} req/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms")
+    if memory:
+        q = max(1, len(memory) // 4)
+        early = sum(m for _, m in memory[q:2 * q]) / q
+        late = sum(m for _, m in memory[-q:]) / q
+        print(f"gateway RSS (all processes): start {memory[0][1]:.0f} MB, 2nd quarter {early:.0f} MB, "
+              f"last quarter {late:.0f} MB, max {max(m for _, m in memory):.0f} MB "
+              f"(growth {100 * (late - early) / early:+.1f}%)")
+    os._exit(0 if errors[0] == 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
