@@ -39,9 +39,18 @@ def free_port() -> int:
 
 
 def write_config(config: dict | Path) -> Path:
-    """Config dicts are written inside the repo so relative paths (onnx/, artifacts.json) resolve."""
+    """Write a config dict under run/tests/, its relative paths made absolute against the repo."""
     if isinstance(config, Path):
         return config
+    config = copy.deepcopy(config)
+    server = config.setdefault("server", {})
+    server["artifacts"] = str(ROOT / server.get("artifacts", "artifacts.json"))
+    for backend in config.get("backends", {}).values():
+        if "model_dir" in backend:
+            backend["model_dir"] = str(ROOT / backend["model_dir"])
+    for model in config.get("models", {}).values():
+        if model.get("labels", "imagenet") != "imagenet":
+            model["labels"] = str(ROOT / model["labels"])
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     path = RUN_DIR / f"gateway-{uuid.uuid4().hex[:8]}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
