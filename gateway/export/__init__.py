@@ -1,0 +1,1 @@
+"""`gateway models build`: export the served models into the layouts each backend expects."""
