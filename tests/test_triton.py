@@ -1,0 +1,186 @@
+"""The Triton backend against a real tritonserver (nvidia-pytriton's binary, CPU), started once.
+
+Covers the adapter (binary tensors, batch splitting, errors), parity with the embedded
+backend and with an in-process TensorFlow call, the HTTP path through a real gateway, and
+fault injection: Triton stopped while requests flow, then brought back.
+"""
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, load_yaml_config
+from gateway.config import load_config
+from gateway.errors import BackendUnavailable
+from gateway.postprocess import softmax
+from gateway.preprocess import preprocess_image
+from gateway.servers import triton as launcher
+from gateway.service import Gateway
+
+CAT, COFFEE = {281, 282, 285}, {967, 968, 504}
+
+
+@pytest.fixture(scope="module")
+def triton_server():
+    config = load_config(ROOT / "gateway.yaml")
+    launcher.start(config, timeout=300)
+    yield config
+    launcher.stop(config)
+    assert not launcher.status(config)["running"]
+
+
+@pytest.fixture(scope="module")
+def gateway(triton_server):
+    gw = Gateway(triton_server)
+    gw.load()
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def photos(chelsea_jpeg, coffee_jpeg):
+    return [chelsea_jpeg, coffee_jpeg]
+
+
+def route(gw, model, name):
+    return next(r for r in gw.config.models[model].routes if r.name == name)
+
+
+def batch_for(gw, model, name, photos):
+    r = route(gw, model, name)
+    images = gw.decode(photos, gw.config.models[model])
+    return r, np.stack([preprocess_image(im, r.preprocess) for im in images])
+
+
+def test_triton_server_reports_the_canonical_platforms(triton_server):
+    base = triton_server.backends["triton"].url
+    platforms = {m: requests.get(f"{base}/v2/models/{m}", timeout=10).json()["platform"]
+                 for m in ("efficientnet_lite0", "torchmobilenet", "tfmobilenet")}
+    assert platforms == {"efficientnet_lite0": "pytorch_libtorch", "torchmobilenet": "pytorch_libtorch",
+                         "tfmobilenet": "tensorflow_savedmodel"}
+
+
+def test_triton_learns_tensor_names_layout_and_batch_limit(gateway):
+    info = gateway.backends["triton"].model_info(route(gateway, "mobilenet_v2", "triton-tf"))
+    assert (info.input_name, info.layout, info.dims, info.max_batch_size) == ("input_1", "NHWC", (224, 224, 3), 8)
+    info = gateway.backends["triton"].model_info(route(gateway, "efficientnet_lite0", "triton"))
+    assert (info.input_name, info.output_name, info.layout) == ("input__0", "output__0", "NCHW")
+
+
+@pytest.mark.parametrize("model", ["efficientnet_lite0", "mobilenet_v2"])
+def test_triton_matches_embedded_backend(gateway, photos, model):
+    r_triton, batch = batch_for(gateway, model, "triton", photos)
+    r_embedded = route(gateway, model, "embedded")
+    via_triton = softmax(gateway.backends["triton"].infer(r_triton, batch))
+    via_onnx = softmax(gateway.backends["embedded"].infer(r_embedded, batch))
+    np.testing.assert_array_equal(np.argsort(-via_triton)[:, :5], np.argsort(-via_onnx)[:, :5])
+    np.testing.assert_allclose(via_triton, via_onnx, atol=1e-4)
+    if model == "efficientnet_lite0":
+        assert via_triton[0].argmax() in CAT and via_triton[1].argmax() in COFFEE
+
+
+def test_triton_tfmobilenet_equals_in_process_tensorflow(gateway, photos):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    r, batch = batch_for(gateway, "mobilenet_v2", "triton-tf", photos)
+    assert batch.shape == (2, 224, 224, 3) and batch.min() >= -1.0 and batch.max() <= 1.0  # x/127.5 - 1, NHWC
+    via_triton = gateway.backends["triton"].infer(r, batch)
+    signature = tf.saved_model.load(str(ROOT / "model_repository/tfmobilenet/1/model.savedmodel")) \
+        .signatures["serving_default"]
+    local = signature(input_1=tf.constant(batch))["predictions"].numpy()
+    np.testing.assert_allclose(via_triton, local, atol=1e-5)
+
+
+def test_triton_splits_a_20_image_request_into_batches_of_8_in_order(gateway, photos):
+    r, batch = batch_for(gateway, "efficientnet_lite0", "triton", photos)
+    backend = gateway.backends["triton"]
+    singles = [backend.infer(r, batch[i:i + 1]) for i in range(2)]
+    big = np.concatenate([batch] * 10)  # chelsea, coffee, chelsea, ... (20 images)
+    backend.calls = 0
+    out = backend.infer(r, big)
+    assert backend.calls == 3  # 8 + 8 + 4
+    assert out.shape == (20, 1000)
+    for i in range(20):
+        np.testing.assert_allclose(out[i], singles[i % 2][0], atol=1e-4)
+
+
+def test_triton_model_not_loaded_is_a_clear_unavailable_error(gateway, photos):
+    r, batch = batch_for(gateway, "efficientnet_lite0", "triton", photos)
+    missing = type(r)(**{**r.__dict__, "model": "resnet_not_loaded"})
+    with pytest.raises(BackendUnavailable, match="resnet_not_loaded"):
+        gateway.backends["triton"].infer(missing, batch)
+    assert not gateway.backends["triton"].ready(missing)
+
+
+# --- through the real gateway over HTTP ---
+
+def classify(url, data, model, backend):
+    return requests.post(f"{url}/v1/models/{model}/classify", params={"backend": backend}, data=data,
+                         headers={"Content-Type": "image/jpeg"}, timeout=60)
+
+
+def test_triton_http_routes(triton_server, gateway_url, chelsea_jpeg):
+    body = classify(gateway_url, chelsea_jpeg, "efficientnet_lite0", "triton").json()
+    assert body["backend"] == "triton" and body["results"][0]["predictions"][0]["index"] in CAT
+    torch_route = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "triton").json()
+    embedded = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "embedded").json()
+    assert torch_route["route"] == "triton"
+    assert [p["index"] for p in torch_route["results"][0]["predictions"]] == \
+        [p["index"] for p in embedded["results"][0]["predictions"]]
+    tf_route = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "triton-tf").json()
+    assert tf_route["backend"] == "triton" and tf_route["route"] == "triton-tf"
+    assert len(tf_route["results"][0]["predictions"]) == 5
+    detail = requests.get(f"{gateway_url}/v1/models/mobilenet_v2", timeout=30).json()
+    tf_info = next(r for r in detail["routes"] if r["name"] == "triton-tf")
+    assert tf_info["ready"] and tf_info["metadata"]["platform"] == "tensorflow_savedmodel"
+
+
+def test_triton_stopped_mid_traffic_fails_over_then_recovers(triton_server, start_gateway, chelsea_jpeg):
+    """Triton first, embedded second: stop Triton under load, then bring it back."""
+    config = load_yaml_config()
+    routes = config["models"]["efficientnet_lite0"]["routes"]
+    config["models"]["efficientnet_lite0"]["routes"] = [r for r in routes if r["backend"] == "triton"] + \
+        [r for r in routes if r["backend"] == "embedded"]
+    url = start_gateway(config, workers=1)
+    assert classify(url, chelsea_jpeg, "efficientnet_lite0", None).json()["backend"] == "triton"
+
+    results, stop_flag = [], threading.Event()
+
+    def client():
+        session = requests.Session()
+        while not stop_flag.is_set():
+            t0 = time.monotonic()
+            resp = session.post(f"{url}/v1/classify", data=chelsea_jpeg, timeout=60,
+                                headers={"Content-Type": "image/jpeg"})
+            results.append((resp.status_code, resp.json().get("backend"), time.monotonic() - t0))
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client) for _ in range(3)]
+        time.sleep(1.0)
+        launcher.stop(triton_server)
+        time.sleep(2.0)
+        stop_flag.set()
+        for f in futures:
+            f.result()
+    assert results, "no request completed"
+    assert all(status == 200 for status, _, _ in results), {s for s, _, _ in results}
+    assert {backend for _, backend, _ in results} >= {"embedded"}
+    assert max(elapsed for _, _, elapsed in results) < 30  # nothing hung
+
+    forced = classify(url, chelsea_jpeg, "efficientnet_lite0", "triton")
+    assert forced.status_code == 503
+    assert forced.json()["error"]["backend"] == "triton" and "triton" in forced.json()["error"]["message"]
+
+    launcher.start(triton_server, timeout=300)  # recovery: the circuit probes Triton back in
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if classify(url, chelsea_jpeg, "efficientnet_lite0", None).json()["backend"] == "triton":
+            break
+        time.sleep(1.0)
+    else:
+        pytest.fail("Triton never took traffic back after it restarted")
