@@ -68,15 +68,25 @@ def wait_until(ready: Callable[[], bool], timeout: float, pid: int | None, what:
     raise RuntimeError(f"{what} not ready after {timeout:.0f} s; log {log_path}:\n{tail(log_path)}")
 
 
+def _signal(pid: int, sig) -> bool:
+    """Signal the process group led by pid, or the process alone if it leads none."""
+    try:
+        os.killpg(pid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
 def terminate(pid: int, timeout: float = 20.0) -> None:
-    """SIGTERM the process group, wait, then SIGKILL what is left."""
+    """SIGTERM (the group), wait, then SIGKILL what is left."""
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pid, sig)
-        except ProcessLookupError:
+        if not _signal(pid, sig):
             return
-        except PermissionError:
-            os.kill(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             try:  # reap it if it is our child

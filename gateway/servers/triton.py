@@ -105,15 +105,20 @@ def stop(config) -> None:
     pid = process.read_pid(run / "tritonserver.pid")
     if pid:
         process.terminate(pid, timeout=20)
+    # python backend stubs can outlive their server (own process group): end ours too
+    stub = str(run / "backends")
+    for proc_dir in glob.glob("/proc/[0-9]*"):
+        if _cmdline(proc_dir).startswith(stub):
+            process.terminate(int(proc_dir.rsplit("/", 1)[1]), timeout=5)
     (run / "tritonserver.pid").unlink(missing_ok=True)
     _clean_leftovers()
 
 
 def _clean_leftovers() -> None:
     """Unclean stops leave python-backend shared memory and env dirs behind."""
-    if any("tritonserver" in _cmdline(p) for p in glob.glob("/proc/[0-9]*")):
+    if any(_cmdline(p).endswith("tritonserver") for p in glob.glob("/proc/[0-9]*")):
         return  # another tritonserver still runs: its regions are in use
-    for path in glob.glob("/dev/shm/triton_python_backend_shm_region_*") + glob.glob("/tmp/python_env_*"):
+    for path in glob.glob("/dev/shm/triton_*_backend_shm_region_*") + glob.glob("/tmp/python_env_*"):
         shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
 
 
