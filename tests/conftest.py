@@ -145,3 +145,19 @@ def coffee_jpeg() -> bytes:
     from skimage import data
 
     return jpeg_bytes(data.coffee())
+
+
+def route_of(gw, model: str, name: str):
+    """The route called ``name`` of a gateway model."""
+    return next(r for r in gw.config.models[model].routes if r.name == name)
+
+
+def preprocessed(gw, model: str, name: str, photos: list[bytes]):
+    """(route, batch): photos decoded and preprocessed exactly as the gateway does for that route."""
+    import numpy as np
+
+    from gateway.preprocess import preprocess_image
+
+    r = route_of(gw, model, name)
+    images = gw.decode(photos, gw.config.models[model])
+    return r, np.stack([preprocess_image(im, r.preprocess) for im in images])

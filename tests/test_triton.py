@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, load_yaml_config
+from conftest import ROOT, load_yaml_config, preprocessed, route_of
 from gateway.config import load_config
 from gateway.errors import BackendUnavailable
 from gateway.postprocess import softmax
-from gateway.preprocess import preprocess_image
 from gateway.servers import triton as launcher
 from gateway.service import Gateway
 
@@ -46,16 +45,6 @@ def photos(chelsea_jpeg, coffee_jpeg):
     return [chelsea_jpeg, coffee_jpeg]
 
 
-def route(gw, model, name):
-    return next(r for r in gw.config.models[model].routes if r.name == name)
-
-
-def batch_for(gw, model, name, photos):
-    r = route(gw, model, name)
-    images = gw.decode(photos, gw.config.models[model])
-    return r, np.stack([preprocess_image(im, r.preprocess) for im in images])
-
-
 def test_triton_server_reports_the_canonical_platforms(triton_server):
     base = triton_server.backends["triton"].url
     platforms = {m: requests.get(f"{base}/v2/models/{m}", timeout=10).json()["platform"]
@@ -65,16 +54,16 @@ def test_triton_server_reports_the_canonical_platforms(triton_server):
 
 
 def test_triton_learns_tensor_names_layout_and_batch_limit(gateway):
-    info = gateway.backends["triton"].model_info(route(gateway, "mobilenet_v2", "triton-tf"))
+    info = gateway.backends["triton"].model_info(route_of(gateway, "mobilenet_v2", "triton-tf"))
     assert (info.input_name, info.layout, info.dims, info.max_batch_size) == ("input_1", "NHWC", (224, 224, 3), 8)
-    info = gateway.backends["triton"].model_info(route(gateway, "efficientnet_lite0", "triton"))
+    info = gateway.backends["triton"].model_info(route_of(gateway, "efficientnet_lite0", "triton"))
     assert (info.input_name, info.output_name, info.layout) == ("input__0", "output__0", "NCHW")
 
 
 @pytest.mark.parametrize("model", ["efficientnet_lite0", "mobilenet_v2"])
 def test_triton_matches_embedded_backend(gateway, photos, model):
-    r_triton, batch = batch_for(gateway, model, "triton", photos)
-    r_embedded = route(gateway, model, "embedded")
+    r_triton, batch = preprocessed(gateway, model, "triton", photos)
+    r_embedded = route_of(gateway, model, "embedded")
     via_triton = softmax(gateway.backends["triton"].infer(r_triton, batch))
     via_onnx = softmax(gateway.backends["embedded"].infer(r_embedded, batch))
     np.testing.assert_array_equal(np.argsort(-via_triton)[:, :5], np.argsort(-via_onnx)[:, :5])
@@ -87,7 +76,7 @@ def test_triton_tfmobilenet_equals_in_process_tensorflow(gateway, photos):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    r, batch = batch_for(gateway, "mobilenet_v2", "triton-tf", photos)
+    r, batch = preprocessed(gateway, "mobilenet_v2", "triton-tf", photos)
     assert batch.shape == (2, 224, 224, 3) and batch.min() >= -1.0 and batch.max() <= 1.0  # x/127.5 - 1, NHWC
     via_triton = gateway.backends["triton"].infer(r, batch)
     signature = tf.saved_model.load(str(ROOT / "model_repository/tfmobilenet/1/model.savedmodel")) \
@@ -97,7 +86,7 @@ def test_triton_tfmobilenet_equals_in_process_tensorflow(gateway, photos):
 
 
 def test_triton_splits_a_20_image_request_into_batches_of_8_in_order(gateway, photos):
-    r, batch = batch_for(gateway, "efficientnet_lite0", "triton", photos)
+    r, batch = preprocessed(gateway, "efficientnet_lite0", "triton", photos)
     backend = gateway.backends["triton"]
     singles = [backend.infer(r, batch[i:i + 1]) for i in range(2)]
     big = np.concatenate([batch] * 10)  # chelsea, coffee, chelsea, ... (20 images)
@@ -110,7 +99,7 @@ def test_triton_splits_a_20_image_request_into_batches_of_8_in_order(gateway, ph
 
 
 def test_triton_model_not_loaded_is_a_clear_unavailable_error(gateway, photos):
-    r, batch = batch_for(gateway, "efficientnet_lite0", "triton", photos)
+    r, batch = preprocessed(gateway, "efficientnet_lite0", "triton", photos)
     missing = type(r)(**{**r.__dict__, "model": "resnet_not_loaded"})
     with pytest.raises(BackendUnavailable, match="resnet_not_loaded"):
         gateway.backends["triton"].infer(missing, batch)

@@ -1,0 +1,151 @@
+"""The TorchServe backend against a real TorchServe (Java frontend + Python workers), started once.
+
+Covers the seed-style JPEG path straight to TorchServe, the gateway's .npy path, parity with
+the embedded backend, bad input (4xx, the worker keeps serving), token auth, and faults.
+"""
+import io
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import ROOT, load_yaml_config, preprocessed, route_of
+from gateway.backends.torchserve import TorchServeBackend
+from gateway.config import load_config
+from gateway.errors import BackendRejected, BackendUnavailable
+from gateway.postprocess import softmax
+from gateway.servers import torchserve as launcher
+from gateway.service import Gateway
+
+CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
+
+
+@pytest.fixture(scope="module")
+def torchserve_server():
+    config = load_config(ROOT / "gateway.yaml")
+    launcher.start(config, timeout=300)
+    yield config
+    launcher.stop(config)
+    assert not launcher.status(config)["running"]
+
+
+@pytest.fixture(scope="module")
+def gateway(torchserve_server):
+    gw = Gateway(torchserve_server)
+    gw.load()
+    yield gw
+    gw.close()
+
+
+@pytest.fixture(scope="module")
+def photos(chelsea_jpeg, coffee_jpeg):
+    return [chelsea_jpeg, coffee_jpeg]
+
+
+def test_torchserve_jpeg_straight_to_torchserve_gets_seed_style_top5(torchserve_server, chelsea_jpeg):
+    url = torchserve_server.backends["torchserve"].url
+    answer = requests.post(f"{url}/predictions/efficientnet_lite0", data=chelsea_jpeg, timeout=60).json()
+    assert len(answer) == 5 and all(isinstance(v, float) for v in answer.values())
+    top_label = max(answer, key=answer.get)
+    assert top_label in CAT_LABELS
+    assert list(answer.values()) == sorted(answer.values(), reverse=True)
+    seed = requests.put(f"{url}/predictions/mobilenet", data=chelsea_jpeg, timeout=60).json()  # curl -T
+    assert len(seed) == 5 and 0 < sum(seed.values()) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("model", ["efficientnet_lite0", "mobilenet_v2"])
+def test_torchserve_matches_embedded_backend(gateway, photos, model):
+    r, batch = preprocessed(gateway, model, "torchserve", photos)
+    via_ts = softmax(gateway.backends["torchserve"].infer(r, batch))
+    via_onnx = softmax(gateway.backends["embedded"].infer(route_of(gateway, model, "embedded"), batch))
+    np.testing.assert_array_equal(np.argsort(-via_ts)[:, :5], np.argsort(-via_onnx)[:, :5])
+    np.testing.assert_allclose(via_ts, via_onnx, atol=1e-4)
+
+
+def test_torchserve_handler_uses_the_gateways_preprocessing(gateway, photos, torchserve_server):
+    """JPEG preprocessed by the handler == .npy preprocessed by the gateway (one implementation)."""
+    url = torchserve_server.backends["torchserve"].url
+    r, batch = preprocessed(gateway, "efficientnet_lite0", "torchserve", photos[:1])
+    probs = softmax(gateway.backends["torchserve"].infer(r, batch))[0]
+    answer = requests.post(f"{url}/predictions/efficientnet_lite0", data=photos[0], timeout=60).json()
+    labels = gateway.config.models["efficientnet_lite0"].labels
+    for label, score in answer.items():
+        assert score == pytest.approx(probs[labels.index(label)], abs=1e-5)
+
+
+def test_torchserve_bad_input_gets_4xx_and_the_worker_keeps_serving(gateway, torchserve_server, photos):
+    url = torchserve_server.backends["torchserve"].url
+    junk = requests.post(f"{url}/predictions/mobilenet", data=b"not an image", timeout=30)
+    assert junk.status_code == 400 and "identify" in junk.text
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((1, 3, 100, 100), np.float32))
+    wrong = requests.post(f"{url}/predictions/mobilenet", data=buf.getvalue(), timeout=30)
+    assert wrong.status_code == 400 and "expected float32" in wrong.text
+    r, batch = preprocessed(gateway, "mobilenet_v2", "torchserve", photos)
+    with pytest.raises(BackendRejected, match="torchserve"):
+        gateway.backends["torchserve"].infer(r, batch[:, :, :100, :100])
+    assert gateway.backends["torchserve"].infer(r, batch).shape == (2, 1000)  # still serving
+    assert gateway.backends["torchserve"].ready(r)
+
+
+def test_torchserve_unknown_model_is_unavailable(gateway, photos):
+    r, batch = preprocessed(gateway, "mobilenet_v2", "torchserve", photos)
+    missing = type(r)(**{**r.__dict__, "model": "resnet_not_registered"})
+    with pytest.raises(BackendUnavailable, match="resnet_not_registered"):
+        gateway.backends["torchserve"].infer(missing, batch)
+    assert not gateway.backends["torchserve"].ready(missing)
+
+
+def test_torchserve_bearer_token_from_key_file(torchserve_server, tmp_path):
+    """The adapter sends TorchServe's key_file.json keys; a wrong key is a clear 503 naming auth."""
+    config = torchserve_server
+    key_file = tmp_path / "key_file.json"
+    key_file.write_text(json.dumps({"management": {"key": "m-key"}, "inference": {"key": "i-key"}}))
+    settings = config.backends["torchserve"]
+    backend = TorchServeBackend(replace(settings, options={**settings.options, "token_file": str(key_file)}))
+    captured = {}
+
+    def capture(method, url, headers=None, **kw):
+        captured.update(headers or {})
+        raise requests.ConnectionError("captured")
+
+    backend.session.request = capture
+    with pytest.raises(BackendUnavailable):
+        backend.infer(config.models["mobilenet_v2"].routes[2], np.zeros((1, 3, 224, 224), np.float32))
+    assert captured["Authorization"] == "Bearer i-key"
+
+
+# --- through the real gateway over HTTP ---
+
+def classify(url, data, model, backend):
+    return requests.post(f"{url}/v1/models/{model}/classify", params={"backend": backend}, data=data,
+                         headers={"Content-Type": "image/jpeg"}, timeout=60)
+
+
+def test_torchserve_http_routes_and_bad_input(torchserve_server, gateway_url, chelsea_jpeg):
+    body = classify(gateway_url, chelsea_jpeg, "efficientnet_lite0", "torchserve").json()
+    assert body["backend"] == "torchserve"
+    assert body["results"][0]["predictions"][0]["label"] in CAT_LABELS
+    mob = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "torchserve").json()
+    emb = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "embedded").json()
+    assert [p["index"] for p in mob["results"][0]["predictions"]] == \
+        [p["index"] for p in emb["results"][0]["predictions"]]
+    bad = classify(gateway_url, b"\xff\xd8garbage", "mobilenet_v2", "torchserve")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
+    assert classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "torchserve").status_code == 200
+
+
+def test_torchserve_stopped_answers_503_naming_it(torchserve_server, start_gateway, chelsea_jpeg):
+    config = load_yaml_config()
+    config["models"]["efficientnet_lite0"]["routes"] = [{"backend": "torchserve", "model": "efficientnet_lite0"},
+                                                       {"backend": "embedded", "model": "efficientnet_lite0"}]
+    url = start_gateway(config)
+    assert classify(url, chelsea_jpeg, "efficientnet_lite0", None).json()["backend"] == "torchserve"
+    launcher.stop(torchserve_server)
+    forced = classify(url, chelsea_jpeg, "efficientnet_lite0", "torchserve")
+    assert forced.status_code == 503
+    assert forced.json()["error"]["backend"] == "torchserve" and "torchserve" in forced.json()["error"]["message"]
+    failover = classify(url, chelsea_jpeg, "efficientnet_lite0", None)
+    assert failover.status_code == 200 and failover.json()["backend"] == "embedded"
