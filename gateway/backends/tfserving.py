@@ -2,7 +2,7 @@
 
 REST has no binary tensor encoding, so the batch goes out as columnar JSON
 (``{"inputs": {name: [...]}}``, one nested list instead of one object per instance)
-encoded by orjson straight from the numpy buffer: about 30x faster than
+encoded by orjson straight from the numpy buffer: 12-14x faster than
 ``json.dumps(arr.tolist())`` (benchmarks/tfserving_encoding_bench.py). ``protocol: grpc``
 sends raw ``tensor_content`` bytes instead.
 

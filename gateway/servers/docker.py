@@ -1,0 +1,64 @@
+"""`gateway backends up|down --docker NAME`: one official image through the Docker SDK.
+
+The same images, commands and mounts as compose/docker-compose.yml (read from it, so the
+two cannot drift), with the host ports gateway.yaml expects, bound to loopback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
+PREFIX = "gateway-"
+
+
+def _client():
+    try:
+        import docker
+
+        client = docker.from_env(timeout=10)
+        client.ping()
+        return client
+    except Exception as exc:
+        raise RuntimeError(f"no Docker engine reachable ({type(exc).__name__}: {str(exc)[:160]}); start "
+                           "Docker, or use `gateway backends up triton|torchserve` for the local servers") from None
+
+
+def container_spec(name: str, config) -> dict:
+    """Image, command, volumes and ports for one service, from the compose file."""
+    service = yaml.safe_load(COMPOSE.read_text())["services"][name]
+    volumes = {}
+    for mount in service.get("volumes", []):
+        host, container, *mode = mount.split(":")
+        volumes[str((COMPOSE.parent / host).resolve())] = {"bind": container, "mode": mode[0] if mode else "rw"}
+    ports = {}
+    for mapping in service.get("ports", []):
+        _, host_port, container_port = mapping.split(":")
+        ports[f"{container_port}/tcp"] = ("127.0.0.1", int(host_port))
+    url = urlparse(config.backends[name].url) if name in config.backends else None
+    if url and url.port:  # the gateway.yaml port wins for the main API
+        main = {"triton": "8010", "torchserve": "8080", "tfserving": "8501"}[name]
+        ports[f"{main}/tcp"] = ("127.0.0.1", url.port)
+    return {"image": service["image"], "command": service.get("command"), "volumes": volumes, "ports": ports,
+            "shm_size": service.get("shm_size")}
+
+
+def start(name: str, config) -> None:
+    client = _client()
+    spec = container_spec(name, config)
+    stop(name, client)
+    client.containers.run(spec["image"], command=spec["command"], name=PREFIX + name, detach=True,
+                          volumes=spec["volumes"], ports=spec["ports"], shm_size=spec["shm_size"], remove=True)
+    print(f"{name}: started {spec['image']} as container {PREFIX + name}")
+
+
+def stop(name: str, client=None) -> None:
+    client = client or _client()
+    import docker
+
+    try:
+        client.containers.get(PREFIX + name).stop(timeout=10)
+    except docker.errors.NotFound:
+        pass
