@@ -7,18 +7,13 @@ from __future__ import annotations
 
 import copy
 import io
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-import requests
 import yaml
+
+from gateway.servers.local_gateway import LocalGateway, free_port  # noqa: F401 (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / "run" / "tests"
@@ -30,12 +25,6 @@ def load_yaml_config() -> dict:
 
 
 _DEFAULT_CONFIG = yaml.safe_load((ROOT / "gateway.yaml").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_config(config: dict | Path) -> Path:
@@ -57,48 +46,15 @@ def write_config(config: dict | Path) -> Path:
     return path
 
 
-class GatewayProcess:
+class GatewayProcess(LocalGateway):
+    """A real `gateway serve` on a config dict (written under run/tests/) or file."""
+
     def __init__(self, config: dict | Path, workers: int = 1, threads: int = 4):
-        self.config_path = write_config(config)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = RUN_DIR / f"gateway-{self.port}.log"
-        RUN_DIR.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-                 "--port", str(self.port), "--workers", str(workers), "--threads", str(threads)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"gateway exited ({self.proc.returncode}): {self.log()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"gateway not up after {timeout}s: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        path = write_config(config)
+        super().__init__(path, workers=workers, threads=threads, log_path=RUN_DIR / f"gateway-{path.stem}.log")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(5)
+        super().stop()
         if self.config_path.parent == RUN_DIR:
             self.config_path.unlink(missing_ok=True)
 

@@ -1,0 +1,182 @@
+"""`gateway batch INPUT --out results.jsonl`: classify a whole folder, like a batch transform job.
+
+- INPUT: a folder (its files, not sub-folders, in sorted name order; dot-files skipped) or a
+  text file with one path per line (relative paths resolve against the text file's folder).
+- One JSON line per image, in input order: ``{"file", "model", "backend", "predictions"}`` or
+  ``{"file", "error": {"status", "code", "message"}}`` - a corrupt file is an error line, never a gap.
+- Resumable: lines already in --out are kept and skipped (a torn last line from a crash is cut).
+  Gateway outages (no answer, 5xx) are retried, then stop the run *without* writing a line, so
+  the next run picks the image up again.
+- ``--shard i/n``: only every n-th file starting at i, so n machines split one dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gateway.client import DEFAULT_URL, ClientError, GatewayClient
+
+RETRIES = 3
+
+
+def list_inputs(source: Path) -> list[Path]:
+    if source.is_dir():
+        return sorted((p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")),
+                      key=lambda p: p.name)
+    lines = [line.strip() for line in source.read_text().splitlines()]
+    return [(p if p.is_absolute() else source.parent / p) for p in map(Path, lines) if str(p) and not str(p).startswith("#")]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def shard(files: list[Path], i: int, n: int) -> list[Path]:
+    return files[i::n]
+
+
+def file_key(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def load_done(out: Path) -> set[str]:
+    """Keys already written; cuts a torn (unterminated or unparsable) last line."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    keep = data if data.endswith(b"\n") else data[: data.rfind(b"\n") + 1]
+    done, good = set(), 0
+    for line in keep.splitlines(keepends=True):
+        try:
+            done.add(json.loads(line)["file"])
+        except (ValueError, KeyError, TypeError):
+            break
+        good += len(line)
+    if good != len(data):
+        with open(out, "r+b") as f:
+            f.truncate(good)
+    return done
+
+
+class GatewayDown(Exception):
+    pass
+
+
+def classify_one(client: GatewayClient, path: Path, key: str, model, backend, top_k) -> dict:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return {"file": key, "error": {"status": None, "code": "unreadable_file", "message": str(exc)}}
+    for attempt in range(RETRIES):
+        try:
+            body = client.classify(data, model=model, backend=backend, top_k=top_k)
+            return {"file": key, "model": body["model"], "backend": body["backend"],
+                    "predictions": body["results"][0]["predictions"]}
+        except ClientError as exc:
+            if exc.status is not None and exc.status < 500:
+                return {"file": key, "error": {"status": exc.status, "code": exc.code, "message": exc.message}}
+            last = exc
+            time.sleep(0.5 * 2 ** attempt)
+    raise GatewayDown(f"{key}: {last}")
+
+
+def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backend=None, top_k=None,
+              concurrency: int = 4, shard_spec: str | None = None, progress: bool = True, limit: int | None = None,
+              log=print) -> dict:
+    files = list_inputs(source)
+    if shard_spec:
+        files = shard(files, *parse_shard(shard_spec))
+    root = source if source.is_dir() else source.parent
+    done = load_done(out)
+    pending = [(p, file_key(p, root)) for p in files if file_key(p, root) not in done]
+    todo = pending if limit is None else pending[:limit]
+    client = GatewayClient(url)
+    stats = {"total": len(files), "skipped": len(files) - len(pending), "written": 0, "errors": 0}
+    bar = _bar(len(todo), progress)
+    started = time.perf_counter()
+    lock = threading.Lock()
+    with open(out, "a") as sink, ThreadPoolExecutor(concurrency) as pool:
+        window: deque = deque()
+        items = iter(todo)
+
+        def submit_next() -> bool:
+            item = next(items, None)
+            if item is None:
+                return False
+            window.append(pool.submit(classify_one, client, item[0], item[1], model, backend, top_k))
+            return True
+
+        for _ in range(concurrency * 2):  # bounded read-ahead; answers are written in input order
+            submit_next()
+        try:
+            while window:
+                line = window.popleft().result()
+                sink.write(json.dumps(line) + "\n")
+                sink.flush()
+                with lock:
+                    stats["written"] += 1
+                    stats["errors"] += "error" in line
+                bar.update(1)
+                submit_next()
+        except GatewayDown as exc:
+            for future in window:
+                future.cancel()
+            stats["aborted"] = str(exc)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    stats["seconds"] = round(elapsed, 3)
+    stats["images_per_s"] = round(stats["written"] / elapsed, 2) if elapsed else 0.0
+    log(f"batch: {stats['written']} written ({stats['errors']} errors), {stats['skipped']} already done, "
+        f"{stats['images_per_s']} images/s" + (f"; stopped: {stats['aborted']}" if "aborted" in stats else ""))
+    return stats
+
+
+def _bar(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("batch", help="classify a folder (or a list of paths) into a JSONL file")
+    p.add_argument("input", type=Path, help="folder of images, or a text file with one path per line")
+    p.add_argument("--out", type=Path, required=True, help="JSON Lines output (appended to; resumable)")
+    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("--model", default=None)
+    p.add_argument("--backend", default=None)
+    p.add_argument("--top-k", type=int, default=None, dest="top_k")
+    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--shard", default=None, help="i/n: take every n-th file starting at i (0-based)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # stop after N (tests)
+    p.set_defaults(func=batch_command)
+
+
+def batch_command(args) -> int:
+    if not args.input.exists():
+        print(f"gateway batch: {args.input} does not exist", file=sys.stderr)
+        return 2
+    try:
+        stats = run_batch(args.input, args.out, url=args.url, model=args.model, backend=args.backend,
+                          top_k=args.top_k, concurrency=args.concurrency, shard_spec=args.shard,
+                          progress=not args.no_progress, limit=args.limit,
+                          log=lambda m: print(m, file=sys.stderr))
+    except ValueError as exc:
+        print(f"gateway batch: {exc}", file=sys.stderr)
+        return 2
+    return 1 if "aborted" in stats else 0
