@@ -1,5 +1,9 @@
 # Two commands: `make serve` and `make test`. Everything else is a step they run.
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
+# pip prints a warning per package for this machine's local index mirrors; keep the log readable
+QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -11,9 +15,9 @@ setup: $(STAMP) models
 # Pinned dependencies; torch 2.13.0 resolves to the machine's local CPU wheel (never CUDA).
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt
-	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt 2>&1 | { $(QUIET_PIP); }
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 | { $(QUIET_PIP); }
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { $(QUIET_PIP); }
 	touch $(STAMP)
 
 # Idempotent: builds only the model artifacts that are missing.
