@@ -1,0 +1,75 @@
+"""`gateway batch`: order, error lines, resume without duplicates, shards."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from gateway.batch import list_inputs, load_done, run_batch, shard
+
+CAT = {281, 282, 285}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, chelsea_jpeg, coffee_jpeg):
+    d = tmp_path_factory.mktemp("batch_in")
+    for i in range(9):
+        (d / f"img_{i:02d}.jpg").write_bytes(chelsea_jpeg if i % 2 == 0 else coffee_jpeg)
+    (d / "img_04.jpg").write_bytes(b"\xff\xd8\xff corrupt")  # a corrupt file in the middle
+    (d / ".hidden").write_bytes(b"x")
+    return d
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_batch_writes_one_line_per_file_in_order_with_errors_in_place(gateway_url, folder, tmp_path):
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "batch", str(folder), "--out", str(out), "--url",
+                           gateway_url, "--concurrency", "3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = lines(out)
+    assert [r["file"] for r in rows] == [f"img_{i:02d}.jpg" for i in range(9)]
+    assert rows[4]["error"]["status"] == 400 and rows[4]["error"]["code"] == "invalid_image"
+    assert all(r["predictions"][0]["index"] in CAT for r in rows[0::2] if "error" not in r)
+    assert "9 written (1 errors)" in proc.stderr and "images/s" in proc.stderr
+
+
+def test_interrupted_batch_resumes_with_every_image_exactly_once(gateway_url, folder, tmp_path):
+    out = tmp_path / "resume.jsonl"
+    run_batch(folder, out, url=gateway_url, concurrency=2, progress=False, limit=4, log=lambda m: None)
+    with open(out, "a") as f:
+        f.write('{"file": "img_04.jpg", "predic')  # a crash mid-line
+    assert load_done(out) == {f"img_{i:02d}.jpg" for i in range(4)}  # torn line cut
+    stats = run_batch(folder, out, url=gateway_url, concurrency=2, progress=False, log=lambda m: None)
+    assert stats["skipped"] == 4 and stats["written"] == 5
+    assert [r["file"] for r in lines(out)] == [f"img_{i:02d}.jpg" for i in range(9)]
+    again = run_batch(folder, out, url=gateway_url, progress=False, log=lambda m: None)
+    assert again["written"] == 0 and len(lines(out)) == 9
+
+
+def test_shards_cover_the_folder_exactly_once(gateway_url, folder, tmp_path):
+    seen = []
+    for i in range(3):
+        out = tmp_path / f"shard{i}.jsonl"
+        run_batch(folder, out, url=gateway_url, shard_spec=f"{i}/3", progress=False, log=lambda m: None)
+        seen += [r["file"] for r in lines(out)]
+    assert sorted(seen) == [f"img_{i:02d}.jpg" for i in range(9)]
+    assert shard(list(range(10)), 1, 3) == [1, 4, 7]
+
+
+def test_list_file_input_and_bad_shard(folder, tmp_path):
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# comment\n{folder / 'img_01.jpg'}\n\n{folder / 'img_00.jpg'}\n")
+    assert [p.name for p in list_inputs(listing)] == ["img_01.jpg", "img_00.jpg"]
+    with pytest.raises(ValueError, match="shard"):
+        run_batch(folder, tmp_path / "x.jsonl", shard_spec="3/3", progress=False)
+
+
+def test_gateway_outage_stops_without_writing_error_lines(folder, tmp_path):
+    out = tmp_path / "down.jsonl"
+    stats = run_batch(folder, out, url="http://127.0.0.1:9", progress=False, log=lambda m: None)
+    assert "aborted" in stats and stats["written"] == 0
+    assert not out.exists() or out.read_text() == ""

@@ -1,0 +1,24 @@
+"""A tiny `gateway bench` sweep writes its JSON, CSV and PNG."""
+import csv
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_bench_sweep_writes_json_csv_and_png(gateway_url, tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "bench", "--url", gateway_url, "--model",
+                           "efficientnet_lite0", "--concurrency", "1,2", "--requests", "6", "--out", str(out),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "bench.json").read_text())["results"]
+    targets = {r["target"] for r in results}
+    assert "gateway -> embedded" in targets and "direct embedded (efficientnet_lite0)" in targets
+    assert {r["concurrency"] for r in results} == {1, 2}
+    for r in results:
+        assert r["requests"] + r["errors"] == 6 and r["throughput"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    rows = list(csv.DictReader(open(out / "bench.csv")))
+    assert len(rows) == len(results)
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
