@@ -111,7 +111,7 @@ def test_torchserve_bearer_token_from_key_file(torchserve_server, tmp_path):
         captured.update(headers or {})
         raise requests.ConnectionError("captured")
 
-    backend.session.request = capture
+    backend.http.session.request = capture
     with pytest.raises(BackendUnavailable):
         backend.infer(config.models["mobilenet_v2"].routes[2], np.zeros((1, 3, 224, 224), np.float32))
     assert captured["Authorization"] == "Bearer i-key"

@@ -7,19 +7,22 @@ encoded by orjson straight from the numpy buffer: 12-14x faster than
 sends raw ``tensor_content`` bytes instead.
 
 Tensor names come from ``GET /v1/models/<m>/metadata`` unless a route names them; a
-route's ``version`` pins ``/versions/<v>``.
+route's ``version`` pins ``/versions/<v>``. With ``--enable_batching`` TF Serving refuses a
+request larger than its ``max_batch_size`` (tfserving/batching_parameters.txt), so larger
+batches are sent in slices of the ``max_batch_size`` option (0: never split).
 """
 from __future__ import annotations
 
+import json
 import threading
 from urllib.parse import urlparse
 
 import numpy as np
 import orjson
 import requests
-from requests.adapters import HTTPAdapter
 
 from gateway.backends.base import Backend
+from gateway.backends.http import BackendSession
 from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
 
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024  # a batch of 8 already exceeds gRPC's default 4 MB
@@ -27,36 +30,27 @@ GRPC_MAX_MESSAGE = 256 * 1024 * 1024  # a batch of 8 already exceeds gRPC's defa
 
 class TFServingBackend(Backend):
     kind = "tfserving"
-    options = {"protocol": "rest", "grpc_url": "", "signature": "serving_default", "pool_size": 16}
+    options = {"protocol": "rest", "grpc_url": "", "signature": "serving_default", "pool_size": 16,
+               "max_batch_size": 8}
 
     def __init__(self, settings):
         super().__init__(settings)
         if settings.options.get("protocol") not in ("rest", "grpc"):
             raise ValueError(f"backends.{settings.name}.protocol: expected rest or grpc")
-        self.session = requests.Session()
-        pool = int(settings.options.get("pool_size") or 16)
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.http = BackendSession(self.name, settings, int(settings.options.get("pool_size") or 16))
         self.signature = settings.options.get("signature") or "serving_default"
         self._names: dict[tuple, tuple[str, str]] = {}
         self._grpc = None
         self._lock = threading.Lock()
+        self.max_batch_size = int(settings.options.get("max_batch_size") or 0)
+        self.calls = 0  # predict calls made (a split batch counts each slice)
 
     def _model_url(self, route) -> str:
         url = f"{self.settings.url}/v1/models/{route.model}"
         return f"{url}/versions/{route.version}" if route.version else url
 
     def _request(self, method: str, url: str, **kw) -> requests.Response:
-        try:
-            return self.session.request(method, url, timeout=(self.settings.connect_timeout_s, self.settings.timeout_s),
-                                        **kw)
-        except requests.ConnectTimeout:
-            raise BackendUnavailable(self.name, f"cannot connect to {self.settings.url} (connect timeout)") from None
-        except requests.ReadTimeout:
-            raise BackendTimeout(self.name, f"no answer within {self.settings.timeout_s:g} s") from None
-        except requests.ConnectionError as exc:
-            raise BackendUnavailable(self.name, f"cannot connect to {self.settings.url}: {type(exc).__name__}") from None
+        return self.http.request(method, url, **kw)
 
     def _error(self, resp: requests.Response, route):
         try:
@@ -79,6 +73,10 @@ class TFServingBackend(Backend):
         try:
             return orjson.loads(resp.content)
         except orjson.JSONDecodeError:
+            pass
+        try:  # TF Serving writes non-finite floats as NaN / Infinity, which orjson refuses
+            return json.loads(resp.content)
+        except ValueError:
             raise BackendBadResponse(self.name, f"model {route.model!r}: answer is not JSON: "
                                                 f"{resp.text[:200]!r}") from None
 
@@ -93,11 +91,16 @@ class TFServingBackend(Backend):
                 meta = self._json(self._request("GET", self._model_url(route) + "/metadata"), route)
                 try:
                     sig = meta["metadata"]["signature_def"]["signature_def"][self.signature]
-                    names = (route.input_name or next(iter(sig["inputs"])),
-                             route.output_name or next(iter(sig["outputs"])))
-                except (KeyError, StopIteration, TypeError):
+                    inputs, outputs = list(sig["inputs"]), list(sig["outputs"])
+                except (KeyError, TypeError):
                     raise BackendBadResponse(self.name, f"model {route.model!r} has no signature "
                                                         f"{self.signature!r} in its metadata") from None
+                for kind, found, chosen in (("input", inputs, route.input_name), ("output", outputs, route.output_name)):
+                    if not chosen and len(found) != 1:
+                        raise BackendBadResponse(self.name, f"model {route.model!r}, signature {self.signature!r} "
+                                                            f"has {kind}s {found}: name one as the route's "
+                                                            f"{kind}_name")
+                names = (route.input_name or inputs[0], route.output_name or outputs[0])
             with self._lock:
                 self._names[key] = names
         return names
@@ -120,8 +123,15 @@ class TFServingBackend(Backend):
     # -- inference ---------------------------------------------------------------------------
     def infer(self, route, batch: np.ndarray) -> np.ndarray:
         input_name, output_name = self.tensor_names(route)
-        if self.settings.options["protocol"] == "grpc":
-            return self._infer_grpc(route, batch, input_name, output_name)
+        infer = self._infer_grpc if self.settings.options["protocol"] == "grpc" else self._infer_rest
+        step = self.max_batch_size or len(batch)
+        if len(batch) <= step:
+            return infer(route, batch, input_name, output_name)
+        return np.concatenate([infer(route, batch[i:i + step], input_name, output_name)
+                               for i in range(0, len(batch), step)])
+
+    def _infer_rest(self, route, batch: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+        self.calls += 1
         body = orjson.dumps({"signature_name": self.signature, "inputs": {input_name: np.ascontiguousarray(batch)}},
                             option=orjson.OPT_SERIALIZE_NUMPY)
         answer = self._json(self._request("POST", self._model_url(route) + ":predict", data=body,
@@ -139,6 +149,7 @@ class TFServingBackend(Backend):
         return out
 
     def _infer_grpc(self, route, batch: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
+        self.calls += 1
         grpc, predict_pb2, stub = self._grpc_stub()
         from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -185,4 +196,4 @@ class TFServingBackend(Backend):
         return self._grpc
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()

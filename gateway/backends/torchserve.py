@@ -14,9 +14,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 import requests
-from requests.adapters import HTTPAdapter
 
 from gateway.backends.base import Backend
+from gateway.backends.http import BackendSession
 from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -28,11 +28,7 @@ class TorchServeBackend(Backend):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.session = requests.Session()
-        pool = int(settings.options.get("pool_size") or 16)
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0)
-        self.session.mount("http://", adapter)
-        self.session.mount("https://", adapter)
+        self.http = BackendSession(self.name, settings, int(settings.options.get("pool_size") or 16))
         url = urlparse(settings.url)
         self.management_url = (settings.options.get("management_url")
                                or f"{url.scheme}://{url.hostname}:{(url.port or 8080) + 1}").rstrip("/")
@@ -57,15 +53,7 @@ class TorchServeBackend(Backend):
         token = self._token(api)
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        try:
-            return self.session.request(method, url, headers=headers,
-                                        timeout=(self.settings.connect_timeout_s, self.settings.timeout_s), **kw)
-        except requests.ConnectTimeout:
-            raise BackendUnavailable(self.name, f"cannot connect to {url} (connect timeout)") from None
-        except requests.ReadTimeout:
-            raise BackendTimeout(self.name, f"no answer within {self.settings.timeout_s:g} s") from None
-        except requests.ConnectionError as exc:
-            raise BackendUnavailable(self.name, f"cannot connect to {url}: {type(exc).__name__}") from None
+        return self.http.request(method, url, headers=headers, **kw)
 
     def _model_path(self, route) -> str:
         return f"{route.model}/{route.version}" if route.version else route.model
@@ -128,4 +116,4 @@ class TorchServeBackend(Backend):
                 "workers": [{"status": w.get("status"), "pid": w.get("pid")} for w in entry.get("workers", [])]}
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()

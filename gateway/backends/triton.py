@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import requests
-from requests.adapters import HTTPAdapter
 from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 from tritonclient.utils import triton_to_np_dtype
 
 from gateway.backends.base import Backend
+from gateway.backends.http import BackendSession
 from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
 
 NOT_LOADED_HINTS = ("unknown model", "not found", "not ready", "unavailable", "is not loaded")
@@ -42,10 +42,7 @@ class TritonBackend(Backend):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.session = requests.Session()
-        pool = int(settings.options.get("pool_size") or 16)
-        self.session.mount("http://", HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0))
-        self.session.mount("https://", HTTPAdapter(pool_connections=2, pool_maxsize=pool, max_retries=0))
+        self.http = BackendSession(self.name, settings, int(settings.options.get("pool_size") or 16))
         self._info: dict[tuple, TritonModelInfo] = {}
         self._lock = threading.Lock()
         self.calls = 0  # inference HTTP calls made (batches split count separately)
@@ -56,16 +53,7 @@ class TritonBackend(Backend):
         return f"{url}/versions/{route.version}" if route.version else url
 
     def _request(self, method: str, url: str, **kw) -> requests.Response:
-        timeout = (self.settings.connect_timeout_s, self.settings.timeout_s)
-        try:
-            return self.session.request(method, url, timeout=timeout, **kw)
-        except requests.ConnectTimeout:
-            raise BackendUnavailable(self.name, f"cannot connect to {self.settings.url} (connect timeout)") from None
-        except requests.ReadTimeout:
-            raise BackendTimeout(self.name, f"no answer within {self.settings.timeout_s:g} s") from None
-        except requests.ConnectionError as exc:
-            raise BackendUnavailable(self.name, f"cannot connect to {self.settings.url}: "
-                                                f"{type(exc).__name__}") from None
+        return self.http.request(method, url, **kw)
 
     def _error(self, resp: requests.Response, route):
         try:
@@ -176,4 +164,4 @@ class TritonBackend(Backend):
         return {**meta, "max_batch_size": info.max_batch_size, "input_layout": info.layout}
 
     def close(self) -> None:
-        self.session.close()
+        self.http.close()
