@@ -1,6 +1,8 @@
 """The exported artifacts (built by `make setup`): right classes, parity between formats,
 the seed's tensor names, and the offline-testable torchvision weight path."""
+import hashlib
 import json
+import shutil
 import subprocess
 import sys
 
@@ -10,8 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT
+from gateway.export import build as export_build
 from gateway.export import mobilenet_v2
-from gateway.export.build import build_models
+from gateway.export.build import build_models, export_onnx, export_torchscript, verify_exports
 from gateway.postprocess import softmax
 from gateway.preprocess import PreprocessSpec, preprocess_bytes
 
@@ -45,51 +48,166 @@ def test_onnx_and_torchscript_agree(photos, onnx_name, torchscript):
     np.testing.assert_allclose(ts, ox, atol=1e-4)
 
 
+@pytest.mark.parametrize("torchscript", ["efficientnet_lite0", "torchmobilenet"])
+def test_torchscript_batch_axis_is_dynamic(photos, torchscript):
+    """Traced with batch 2: batch 1 and batch 3 must give the same per-image answers."""
+    scripted = torch.jit.load(str(ROOT / "model_repository" / torchscript / "1" / "model.pt"))
+    batch3 = torch.from_numpy(np.concatenate([photos, photos[:1]]))
+    with torch.no_grad():
+        together = scripted(batch3).numpy()
+        alone = np.concatenate([scripted(batch3[i:i + 1]).numpy() for i in range(3)])
+    assert together.shape == (3, 1000)
+    np.testing.assert_allclose(alone, together, atol=1e-4)
+
+
 def test_random_mobilenet_answers_depend_on_the_image(photos):
+    manifest = json.loads((ROOT / "artifacts.json").read_text())
+    if manifest["models"]["mobilenet_v2"]["torch_weights"] != "random":
+        pytest.skip("mobilenet_v2 was built with ImageNet weights: the random-weight calibration is not in use")
     probs = softmax(onnx_logits("mobilenet_v2", photos))
     assert probs.max() > 0.01  # not the flat ~0.001 of un-calibrated random weights
-    assert np.abs(probs[0] - probs[1]).max() > 1e-3
+    assert probs[0].argmax() != probs[1].argmax()
 
 
-def test_savedmodel_has_the_seed_signature():
+def test_savedmodel_has_the_seed_signature(tmp_path, chelsea_jpeg, coffee_jpeg):
+    spec = PreprocessSpec(scaling="tf", layout="NHWC")
+    np.save(tmp_path / "x.npy", np.stack([preprocess_bytes(chelsea_jpeg, spec), preprocess_bytes(coffee_jpeg, spec)]))
     code = (
         "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'\n"
-        "import json, numpy as np, tensorflow as tf\n"
-        f"f = tf.saved_model.load({str(ROOT / 'tfserving/models/tfmobilenet/1')!r}).signatures['serving_default']\n"
-        "spec = f.structured_input_signature[1]['input_1']\n"
-        "out = f(input_1=tf.constant(np.random.default_rng(0).uniform(-1, 1, (2, 224, 224, 3)).astype('float32')))\n"
-        "print(json.dumps({'shape': spec.shape.as_list(), 'outputs': list(out),"
-        " 'sums': out['predictions'].numpy().sum(axis=1).tolist()}))\n"
+        "import json, sys, numpy as np, tensorflow as tf\n"
+        "x = tf.constant(np.load(sys.argv[1]))\n"
+        "out = {}\n"
+        "for d in sys.argv[2:]:\n"
+        "    f = tf.saved_model.load(d).signatures['serving_default']\n"
+        "    p = f(input_1=x)\n"
+        "    out[d] = {'shape': f.structured_input_signature[1]['input_1'].shape.as_list(),\n"
+        "              'outputs': list(p), 'probs': p['predictions'].numpy().tolist()}\n"
+        "print(json.dumps(out))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    dirs = [str(ROOT / "tfserving/models/tfmobilenet/1"), str(ROOT / "model_repository/tfmobilenet/1/model.savedmodel")]
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "x.npy"), *dirs],
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert info["shape"] == [None, 224, 224, 3] and info["outputs"] == ["predictions"]
-    np.testing.assert_allclose(info["sums"], 1.0, atol=1e-4)
-    assert (ROOT / "model_repository/tfmobilenet/1/model.savedmodel/saved_model.pb").is_file()
+    tfserving, triton = (info[d] for d in dirs)
+    assert tfserving["shape"] == [None, 224, 224, 3] and tfserving["outputs"] == ["predictions"]
+    probs = np.array(tfserving["probs"])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(np.array(triton["probs"]), probs, atol=1e-6)  # same model in both layouts
+    keras_weights = json.loads((ROOT / "artifacts.json").read_text())["models"]["mobilenet_v2"]["keras_weights"]
+    if keras_weights == "random":  # calibrated: image-dependent answers, not a flat 0.001
+        assert probs.max() > 0.01 and probs[0].argmax() != probs[1].argmax()
 
 
-def test_torchvision_weight_download_path_works_offline_with_a_file_url(tmp_path):
-    """The same loader the build uses with a network, fed a torchvision-format file:// URL."""
+def test_torchvision_weight_download_path_works_offline_with_a_file_url(tmp_path, monkeypatch):
+    """The same loader the build uses with a network, fed a torchvision-format file:// URL
+    (named like torchvision's files, with its sha256 prefix, so the hash check runs too)."""
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
     torch.manual_seed(3)
     source = mobilenet_v2.MobileNetV2().eval()
-    path = tmp_path / "mobilenet_v2-b0353104.pth"
-    torch.save(source.state_dict(), path)
-    torch.hub.set_dir(str(tmp_path / "hub"))
+    staged = tmp_path / "staged.pth"
+    torch.save(source.state_dict(), staged)
+    path = tmp_path / f"mobilenet_v2-{hashlib.sha256(staged.read_bytes()).hexdigest()[:8]}.pth"
+    staged.rename(path)
     target = mobilenet_v2.MobileNetV2().eval()
     mobilenet_v2.load_torchvision_weights(target, url=path.as_uri())  # strict=True inside
+    assert (tmp_path / "hub" / "checkpoints" / path.name).is_file()  # it went through the downloader
     x = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(target(x), source(x))
     assert sum(p.numel() for p in target.parameters()) == 3_504_872  # torchvision's count
 
+    corrupt = tmp_path / "mobilenet_v2-00000000.pth"
+    shutil.copy(path, corrupt)
+    with pytest.raises(RuntimeError, match="invalid hash"):
+        mobilenet_v2.load_torchvision_weights(target, url=corrupt.as_uri())
+    state = source.state_dict()
+    state["classifier.1.extra"] = torch.zeros(1)
+    torch.save(state, tmp_path / "extra.pth")
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        target.load_state_dict(torch.load(tmp_path / "extra.pth"), strict=True)
 
-def test_rebuild_is_a_noop_and_manifest_names_weights():
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 8, stride=8)
+        self.fc = torch.nn.Linear(4, 1000)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+def test_export_functions_on_a_tiny_model(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    onnx_path, ts_path = tmp_path / "tiny.onnx", tmp_path / "v1" / "model.pt"
+    export_onnx(model, onnx_path)
+    export_torchscript(model, ts_path)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["model.pt", "tiny.onnx"]  # no leftovers
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input"] and [o.name for o in session.get_outputs()] == ["logits"]
+    assert session.get_inputs()[0].shape[1:] == [3, 224, 224] and isinstance(session.get_inputs()[0].shape[0], str)
+    diffs = verify_exports(model, onnx_path, ts_path, log=lambda _: None)
+    assert max(diffs.values()) < 1e-4
+    other = Tiny().eval()  # different weights: the check must notice
+    with pytest.raises(RuntimeError, match="disagree"):
+        verify_exports(other, onnx_path, ts_path, log=lambda _: None)
+
+
+def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_path, monkeypatch):
+    """A rebuild without --force replaces random mobilenet_v2 weights when torchvision's file
+    is in torch.hub's cache (how a download that once succeeded looks offline)."""
+    root = tmp_path / "repo"
+    for rel in ("onnx/efficientnet_lite0.onnx", "model_repository/efficientnet_lite0/1/model.pt",
+                "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(ROOT / rel)
+    for rel in ("onnx/mobilenet_v2.onnx", "model_repository/torchmobilenet/1/model.pt"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / rel, root / rel)
+    (root / "artifacts.json").write_text(json.dumps({"models": {"mobilenet_v2": {
+        "torch_weights": "random", "keras_weights": "random"}}}))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(export_build, "_torchserve_archives", lambda *a: [])  # double: no .mar files here
     lines = []
-    manifest = build_models(ROOT, log=lines.append)
+    manifest = build_models(root, weights="random", log=lines.append)  # random asked: nothing to do
     assert not any(line.startswith("build") for line in lines), lines
+
+    torch.manual_seed(7)
+    published = mobilenet_v2.MobileNetV2().eval()
+    cached = tmp_path / "torch/hub/checkpoints/mobilenet_v2-b0353104.pth"
+    cached.parent.mkdir(parents=True)
+    torch.save(published.state_dict(), cached)
+    lines.clear()
+    manifest = build_models(root, log=lines.append)
+    assert [line.split()[1] for line in lines if line.startswith("build")] == ["onnx/mobilenet_v2.onnx,"], lines
+    mob = manifest["models"]["mobilenet_v2"]
+    assert (mob["torch_weights"], mob["keras_weights"], mob["weights"]) == ("imagenet", "random", "random")
+    x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
+    with torch.no_grad():
+        expected = published(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(root / "onnx/mobilenet_v2.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert (ROOT / "onnx/mobilenet_v2.onnx").stat().st_size > 0  # the repository's own files untouched
+
+
+def test_rebuild_is_a_noop_and_manifest_names_weights(capsys, monkeypatch):
+    from gateway.cli import main
+
+    # double: TorchServe's archives belong to (and are tested with) gateway.servers.torchserve
+    monkeypatch.setattr(export_build, "_torchserve_archives", lambda *a: [])
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "onnx").glob("*.onnx")}
+    assert main(["models", "build", "--config", str(ROOT / "gateway.yaml")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("build") for line in lines), lines
+    assert sum(line.startswith("keep") for line in lines) == 3, lines
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    manifest = json.loads((ROOT / "artifacts.json").read_text())
     assert manifest["models"]["efficientnet_lite0"]["weights"] == "imagenet"
     mob = manifest["models"]["mobilenet_v2"]
-    assert mob["weights"] in {"random", "imagenet"}
+    assert mob["torch_weights"] in {"random", "imagenet"} and mob["keras_weights"] in {"random", "imagenet"}
     assert mob["weights"] == ("imagenet" if mob["torch_weights"] == mob["keras_weights"] == "imagenet" else "random")
-    assert json.loads((ROOT / "artifacts.json").read_text()) == manifest
+    assert all((ROOT / f).exists() for entry in manifest["models"].values() for f in entry["files"])

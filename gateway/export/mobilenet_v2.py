@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-TORCHVISION_WEIGHTS_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
+from gateway.export.weights import TORCHVISION_URL as TORCHVISION_WEIGHTS_URL
 SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 
 
@@ -60,8 +60,9 @@ class MobileNetV2(nn.Module):
 
 
 def load_torchvision_weights(model: nn.Module, url: str = TORCHVISION_WEIGHTS_URL) -> None:
-    """The usual torchvision download (torch.hub cache); raises when there is no network."""
-    state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=False)
+    """The usual torchvision download (torch.hub cache, sha256 prefix in the file name
+    checked, as torchvision does); raises when there is no network."""
+    state = torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True)
     model.load_state_dict(state, strict=True)
 
 
