@@ -5,13 +5,15 @@ the embedded backend, bad input (4xx, the worker keeps serving), token auth, and
 """
 import io
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import requests
+import yaml
 
-from conftest import ROOT, load_yaml_config, preprocessed, route_of
+from conftest import ROOT, free_port, load_yaml_config, preprocessed, route_of
 from gateway.backends.torchserve import TorchServeBackend
 from gateway.config import load_config
 from gateway.errors import BackendRejected, BackendUnavailable
@@ -64,6 +66,22 @@ def test_torchserve_matches_embedded_backend(gateway, photos, model):
     np.testing.assert_allclose(via_ts, via_onnx, atol=1e-4)
 
 
+def test_torchserve_big_batches_go_as_requests_of_max_batch(gateway, photos, torchserve_server):
+    """Split into requests of <= max_batch images (Java's heap), answered in order."""
+    r, batch = preprocessed(gateway, "efficientnet_lite0", "torchserve", [photos[0], photos[1], photos[1]] * 2)
+    settings = torchserve_server.backends["torchserve"]
+    split = TorchServeBackend(replace(settings, options={**settings.options, "max_batch": 4}))
+    whole = TorchServeBackend(replace(settings, options={**settings.options, "max_batch": 0}))
+    try:
+        a, b = split.infer(r, batch), whole.infer(r, batch)
+    finally:
+        split.close()
+        whole.close()
+    assert a.shape == (6, 1000)
+    np.testing.assert_allclose(a, b, atol=1e-4)
+    assert a[0].argmax() != a[1].argmax() and a[0].argmax() == a[3].argmax()  # rows kept in order
+
+
 def test_torchserve_handler_uses_the_gateways_preprocessing(gateway, photos, torchserve_server):
     """JPEG preprocessed by the handler == .npy preprocessed by the gateway (one implementation)."""
     url = torchserve_server.backends["torchserve"].url
@@ -98,23 +116,79 @@ def test_torchserve_unknown_model_is_unavailable(gateway, photos):
     assert not gateway.backends["torchserve"].ready(missing)
 
 
-def test_torchserve_bearer_token_from_key_file(torchserve_server, tmp_path):
-    """The adapter sends TorchServe's key_file.json keys; a wrong key is a clear 503 naming auth."""
-    config = torchserve_server
-    key_file = tmp_path / "key_file.json"
-    key_file.write_text(json.dumps({"management": {"key": "m-key"}, "inference": {"key": "i-key"}}))
+@pytest.fixture
+def torchserve_with_token_auth(tmp_path):
+    """A second real TorchServe (mobilenet only, own ports) that keeps token auth on."""
+    root = tmp_path
+    (root / "torchserve").mkdir()
+    (root / "torchserve" / "model_store").symlink_to(ROOT / "torchserve" / "model_store")
+    props = (ROOT / "torchserve" / "config.properties").read_text()
+    for key in ("grpc_inference_port", "grpc_management_port"):
+        props = re.sub(rf"^{key}=.*$", f"{key}={free_port()}", props, flags=re.M)
+    (root / "torchserve" / "config.properties").write_text(props)
+    data = load_yaml_config()
+    data["server"].update(default_model="mobilenet_v2", artifacts=str(ROOT / "artifacts.json"))
+    data["backends"] = {"torchserve": {
+        **data["backends"]["torchserve"], "url": f"http://127.0.0.1:{free_port()}",
+        "management_url": f"http://127.0.0.1:{free_port()}", "token_file": "run/torchserve/key_file.json"}}
+    data["models"] = {"mobilenet_v2": {**data["models"]["mobilenet_v2"],
+                                       "routes": [{"backend": "torchserve", "model": "mobilenet"}]}}
+    (root / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_config(root / "gateway.yaml")
+    launcher.start(config, timeout=300)  # readiness itself needs the management key
+    try:
+        yield config
+    finally:
+        launcher.stop(config)
+    assert not launcher.status(config)["running"]
+    assert not (root / "run" / "torchserve" / "key_file.json").exists()
+
+
+def test_torchserve_token_auth_kept_on_with_the_key_file(torchserve_with_token_auth, photos):
+    config = torchserve_with_token_auth
     settings = config.backends["torchserve"]
-    backend = TorchServeBackend(replace(settings, options={**settings.options, "token_file": str(key_file)}))
-    captured = {}
+    keys = json.loads((config.root / "run" / "torchserve" / "key_file.json").read_text())
+    assert keys["inference"]["key"] != keys["management"]["key"]
+    anonymous = requests.post(f"{settings.url}/predictions/mobilenet", data=photos[0], timeout=30)
+    assert anonymous.status_code in (400, 401) and "key" in anonymous.text.lower()
 
-    def capture(method, url, headers=None, **kw):
-        captured.update(headers or {})
-        raise requests.ConnectionError("captured")
+    route = config.models["mobilenet_v2"].routes[0]
+    backend = TorchServeBackend(settings)
+    backend.root = config.root
+    gw = Gateway(config)
+    _, batch = preprocessed(gw, "mobilenet_v2", "torchserve", photos)
+    assert backend.ready(route)
+    assert backend.infer(route, batch).shape == (2, 1000)  # bearer keys read from key_file.json
+    assert backend.metadata(route)["workers"][0]["status"] == "READY"
 
-    backend.http.session.request = capture
-    with pytest.raises(BackendUnavailable):
-        backend.infer(config.models["mobilenet_v2"].routes[2], np.zeros((1, 3, 224, 224), np.float32))
-    assert captured["Authorization"] == "Bearer i-key"
+    wrong = TorchServeBackend(replace(settings, options={**settings.options, "token": "not-the-key"}))
+    assert not wrong.ready(route)
+    with pytest.raises(BackendUnavailable, match="token"):
+        wrong.infer(route, batch)
+    backend.close()
+    wrong.close()
+
+
+def test_torchserve_archives_are_rebuilt_only_when_stale(tmp_path):
+    """build_archives' staleness rule on a copy of a real .mar: missing, older than a packed
+    file, preprocessing changed in gateway.yaml, unreadable -> rebuild; else keep."""
+    import os
+    import shutil
+
+    mar = shutil.copy(ROOT / "torchserve" / "model_store" / "mobilenet.mar", tmp_path / "mobilenet.mar")
+    inputs = [tmp_path / "handler.py", tmp_path / "preprocess.py"]
+    for p in inputs:
+        p.write_text("x")
+        os.utime(p, (1, 1))
+    route = next(r for r in load_config(ROOT / "gateway.yaml").models["mobilenet_v2"].routes if r.backend == "torchserve")
+    spec = json.dumps(route.preprocess.to_dict(), sort_keys=True)
+    assert launcher._stale(mar, inputs, spec) == ""
+    assert "preprocessing changed" in launcher._stale(mar, inputs, spec.replace("imagenet", "tf"))
+    os.utime(inputs[0])  # now
+    assert launcher._stale(mar, inputs, spec) == "older than handler.py"
+    assert launcher._stale(tmp_path / "absent.mar", inputs, spec) == "missing"
+    (tmp_path / "junk.mar").write_bytes(b"not a zip")
+    assert launcher._stale(tmp_path / "junk.mar", inputs[1:], spec) == "unreadable"
 
 
 # --- through the real gateway over HTTP ---

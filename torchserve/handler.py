@@ -23,10 +23,14 @@ except ImportError:  # inside the .mar, the same file ships as preprocess.py
 
 NPY_MAGIC = b"\x93NUMPY"
 TOP_K = 5
+MAX_FORWARD = 32  # images per forward pass: bounds memory when big requests meet in one batch
 
 
 class GatewayImageClassifier(BaseHandler):
     def initialize(self, context):
+        threads = os.environ.get("GATEWAY_TORCHSERVE_THREADS")  # set by `gateway backends up torchserve`
+        if threads:
+            torch.set_num_threads(int(threads))
         super().initialize(context)  # loads the TorchScript file and index_to_name.json
         model_dir = context.system_properties.get("model_dir")
         with open(os.path.join(model_dir, "preprocess.json")) as f:
@@ -64,9 +68,11 @@ class GatewayImageClassifier(BaseHandler):
                 context.set_response_status(400, str(exc), idx=i)
                 answers[i] = json.dumps({"code": 400, "type": "BadInput", "message": str(exc)})
         if tensors:
-            batch = torch.from_numpy(np.concatenate([t for _, t, _ in tensors]))
+            batch = np.concatenate([t for _, t, _ in tensors])
             with torch.inference_mode():
-                logits = self.model(batch.to(self.device)).float().cpu().numpy()
+                logits = np.concatenate([
+                    self.model(torch.from_numpy(batch[i:i + MAX_FORWARD]).to(self.device)).float().cpu().numpy()
+                    for i in range(0, len(batch), MAX_FORWARD)])
             start = 0
             for i, t, was_npy in tensors:
                 rows = logits[start:start + len(t)]
