@@ -80,3 +80,12 @@ def test_compose_docker_launcher_uses_the_compose_services():
     assert spec["ports"]["8501/tcp"] == ("127.0.0.1", 8501)
     assert {v["bind"] for v in spec["volumes"].values()} == {"/tfserving"}
     assert Path(next(iter(spec["volumes"]))).resolve() == (ROOT / "tfserving").resolve()
+
+
+def test_compose_tfserving_image_matches_the_tensorflow_that_writes_the_savedmodel():
+    """A SavedModel written by a newer TensorFlow can use ops the older server does not know."""
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if line.startswith("tensorflow-cpu=="))
+    tag = STACK["services"]["tfserving"]["image"].rpartition(":")[2]
+    assert tag == pins["tensorflow-cpu"], (tag, pins)
+    assert GPU["services"]["tfserving"]["image"] == f"tensorflow/serving:{tag}-gpu"

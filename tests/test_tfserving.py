@@ -4,11 +4,12 @@ and against the real tensorflow/serving image when a Docker engine is reachable.
 No tensorflow_model_server binary exists on this machine's package registries, so the double
 (real SavedModels, real TensorFlow, TF Serving's REST shapes and error bodies) stands in.
 """
+import http.server
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import replace
 
@@ -17,12 +18,12 @@ import pytest
 import requests
 
 from conftest import ROOT, free_port, load_yaml_config, preprocessed
-from gateway.config import load_config
-from gateway.errors import BackendRejected, BackendUnavailable
+from gateway.backends.tfserving import TFServingBackend
+from gateway.config import BackendSettings, load_config
+from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
 from gateway.service import Gateway
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-TFSERVING_IMAGE = "tensorflow/serving:2.18.0"
 
 V2_MODEL = textwrap.dedent("""
     import sys, tensorflow as tf
@@ -51,6 +52,7 @@ def tfserving_models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tfserving_double(tfserving_models):
     port, grpc_port = free_port(), free_port()
+    (ROOT / "run" / "tests").mkdir(parents=True, exist_ok=True)
     log = open(ROOT / "run" / "tests" / "tfserving_double.log", "wb")
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests/tfserving_double.py"), "--models-dir",
                              str(tfserving_models), "--port", str(port), "--grpc-port", str(grpc_port)],
@@ -62,7 +64,8 @@ def tfserving_double(tfserving_models):
             if requests.get(f"{url}/v1/models/tfmobilenet", timeout=1).ok:
                 break
         except requests.ConnectionError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     else:
         proc.kill()
         pytest.fail(f"TF Serving double did not start: {(ROOT / 'run/tests/tfserving_double.log').read_text()[-2000:]}")
@@ -118,7 +121,7 @@ def test_tfserving_errors_map_to_gateway_errors(gateway, batch):
     with pytest.raises(BackendUnavailable, match="Could not find any versions|Servable not found"):
         backend.infer(replace(route, model="resnet_unknown"), x)
     with pytest.raises(BackendRejected, match="tfserving"):
-        backend.infer(replace(route, version="1"), x[:, :100])  # wrong shape: TF Serving's 400
+        backend.infer(replace(route, version="1"), x[..., :2])  # 2 channels: the graph fails, TF Serving answers 400
     down = Gateway(load_config(ROOT / "gateway.yaml").with_backend("tfserving", url=f"http://127.0.0.1:{free_port()}"))
     with pytest.raises(BackendUnavailable, match="tfserving") as info:
         down.backends["tfserving"].infer(route, x)
@@ -182,19 +185,135 @@ def test_tfserving_real_image_through_docker(batch):
     except Exception as exc:
         pytest.skip(f"no Docker engine reachable ({type(exc).__name__}: {str(exc)[:120]}): "
                     f"the real TF Serving image cannot run here; the adapter is tested against the double")
+    from gateway.servers import docker as docker_launcher
+
     port = free_port()
-    container = client.containers.run(
-        TFSERVING_IMAGE, detach=True, remove=True, ports={"8501/tcp": ("127.0.0.1", port)},
-        volumes={str(ROOT / "tfserving"): {"bind": "/tfserving", "mode": "ro"}},
-        command=["--model_config_file=/tfserving/models.conf"])
+    config = load_config(ROOT / "gateway.yaml").with_backend("tfserving", url=f"http://127.0.0.1:{port}")
+    spec = docker_launcher.container_spec("tfserving", config)  # the compose service: batching on
+    container = client.containers.run(spec["image"], command=spec["command"], volumes=spec["volumes"],
+                                      ports={"8501/tcp": ("127.0.0.1", port)}, detach=True, remove=True)
     try:
-        config = load_config(ROOT / "gateway.yaml").with_backend("tfserving", url=f"http://127.0.0.1:{port}")
-        gw = Gateway(config)
+        docker_launcher.wait_ready("tfserving", config, timeout=180)
+        backend = Gateway(config).backends["tfserving"]
         route, x = batch
-        deadline = time.monotonic() + 120
-        while not gw.backends["tfserving"].ready(route) and time.monotonic() < deadline:
-            time.sleep(1)
-        np.testing.assert_allclose(gw.backends["tfserving"].infer(route, x), in_process(x), atol=1e-5)
+        x10 = np.concatenate([x] * 5)  # above batching_parameters.txt's max_batch_size: the adapter slices
+        out = backend.infer(route, x10)
+        np.testing.assert_allclose(out, np.concatenate([in_process(x)] * 5), atol=1e-5)
+        assert backend.calls == 2
+        with pytest.raises(BackendUnavailable, match="Servable not found for request: Specific"):
+            backend.infer(replace(route, version="9"), x)
+        with pytest.raises(BackendRejected):
+            backend.infer(route, x[..., :2])
     finally:
         container.stop(timeout=5)
-        shutil.rmtree(ROOT / "run" / "tfserving", ignore_errors=True)
+
+
+def test_tfserving_double_answers_tf_servings_error_strings(tfserving_double):
+    """Messages and statuses from TF Serving's source (http_rest_api_handler.cc, json_tensor.cc)."""
+    url, _ = tfserving_double
+    cases = [
+        ("GET", "/v1/models/tfmobilenet:predict", None, 400, "Malformed request: GET /v1/models/tfmobilenet:predict"),
+        ("GET", "/v1/models", None, 400, "Missing model name in request."),
+        ("GET", "/v1/models/tfmobilenet/versions/9", None, 404, "Could not find version 9 of model tfmobilenet"),
+        ("GET", "/v1/models/nope/metadata", None, 404, "Servable not found for request: Latest(nope)"),
+        ("POST", "/v1/models/nope:predict", b"", 400, "JSON Parse error: The document is empty"),  # parse first
+        ("POST", "/v1/models/tfmobilenet:predict", b"{}", 400, "Missing 'inputs' or 'instances' key"),
+        ("POST", "/v1/models/tfmobilenet:predict", b'{"instances": []}', 400,
+         'JSON Value: {\n    "instances": []\n} No values in \'instances\' array'),
+        ("POST", "/v1/models/tfmobilenet:predict", b'{"signature_name": "x", "inputs": [1]}', 400,
+         'Serving signature name: "x" not found in signature def'),
+        ("POST", "/v1/models/tfmobilenet:predict", b'{"inputs": {"other": [1]}}', 400,
+         "Missing named input: input_1 in 'inputs' object."),
+        ("POST", "/v1/models/tfmobilenet:predict", b'{"inputs": [["a"]]}', 400,
+         'JSON Value: "a" Type: String is not of expected type: float'),
+        ("POST", "/v1/models/tfmobilenet:predict", b'{"instances": [[[[0,0,0]]], [[[0,0,0],[0,0,0]]]]}', 400,
+         "Failed to process element: 1 of 'instances' list. Error: INVALID_ARGUMENT: Expecting shape [1,1,3] "
+         "but got: [1,2,3]"),
+    ]
+    for method, path, body, status, message in cases:
+        resp = requests.request(method, url + path, data=body, timeout=30)
+        assert (resp.status_code, resp.json()) == (status, {"error": message}), (method, path)
+    assert requests.get(url + "/v2/health/ready", timeout=10).status_code == 404  # outside /v1/: no handler
+
+
+def test_tfserving_double_metadata_is_the_savedmodels_signature_def(tfserving_double):
+    url, _ = tfserving_double
+    meta = requests.get(f"{url}/v1/models/tfmobilenet/versions/1/metadata", timeout=10).json()
+    assert meta["model_spec"] == {"name": "tfmobilenet", "signature_name": "", "version": "1"}
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert sig["method_name"] == "tensorflow/serving/predict"
+    assert sig["inputs"]["input_1"]["dtype"] == "DT_FLOAT"
+    assert [d["size"] for d in sig["inputs"]["input_1"]["tensor_shape"]["dim"]] == ["-1", "224", "224", "3"]
+    assert [d["size"] for d in sig["outputs"]["predictions"]["tensor_shape"]["dim"]] == ["-1", "1000"]
+
+
+def test_tfserving_adapter_splits_batches_above_max_batch_size(gateway, batch):
+    """TF Serving with --enable_batching refuses a request above its max_batch_size: slice it."""
+    route, x = batch
+    route = replace(route, version="1")
+    whole = gateway.backends["tfserving"].infer(route, x)
+    settings = gateway.config.backends["tfserving"]
+    sliced = TFServingBackend(replace(settings, options={**settings.options, "max_batch_size": 1}))
+    np.testing.assert_allclose(sliced.infer(route, x), whole, atol=1e-6)
+    assert sliced.calls == len(x) == 2
+
+
+class _Misbehaving(http.server.BaseHTTPRequestHandler):
+    """Not TF Serving: answers that a broken proxy or server could give."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        model = self.path.split("/")[3].split(":")[0]
+        if model == "slow":
+            time.sleep(2)
+        status, body = {"garbage": (200, b"<html>not json</html>"), "html500": (500, b"<h1>Internal</h1>"),
+                        "nooutputs": (200, b'{"predictions": "?"}'), "internal": (500, b'{"error": "boom"}'),
+                        "slow": (200, b"{}")}[model]
+        try:
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # "slow": the client gave up, as intended
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_tfserving_adapter_maps_garbage_and_timeouts():
+    route = next(r for r in load_config(ROOT / "gateway.yaml").models["mobilenet_v2"].routes if r.name == "tfserving")
+    x = np.zeros((1, 224, 224, 3), np.float32)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Misbehaving)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        settings = BackendSettings(name="tfserving", kind="tfserving", url=f"http://127.0.0.1:{server.server_port}",
+                                   timeout_s=0.5, options={**TFServingBackend.options})
+        backend = TFServingBackend(settings)
+        named = replace(route, input_name="input_1", output_name="predictions")
+        for model, error, match in (("garbage", BackendBadResponse, "not JSON"),
+                                    ("html500", BackendBadResponse, "HTTP 500 without a TF Serving error body"),
+                                    ("nooutputs", BackendBadResponse, "no usable 'predictions'"),
+                                    ("internal", BackendBadResponse, "HTTP 500.*boom"),
+                                    ("slow", BackendTimeout, "no answer within 0.5 s")):
+            with pytest.raises(error, match=match):
+                backend.infer(replace(named, model=model), x[:1])
+        backend.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_tfserving_docker_launcher_waits_for_readiness_through_the_adapter(tfserving_double):
+    """`gateway backends up --docker tfserving` returns once the adapter finds the models ready
+    (checked here against the double, since no Docker engine runs here)."""
+    from gateway.servers import docker as docker_launcher
+
+    url, _ = tfserving_double
+    config = load_config(ROOT / "gateway.yaml")
+    docker_launcher.wait_ready("tfserving", config.with_backend("tfserving", url=url), timeout=30)
+    down = config.with_backend("tfserving", url=f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(RuntimeError, match=r"tfserving at .*: models \['tfmobilenet'\] not ready after 1 s"):
+        docker_launcher.wait_ready("tfserving", down, timeout=1)

@@ -2,9 +2,12 @@
 
 REST has no binary tensor encoding, so the batch goes out as columnar JSON
 (``{"inputs": {name: [...]}}``, one nested list instead of one object per instance)
-encoded by orjson straight from the numpy buffer: 12-14x faster than
-``json.dumps(arr.tolist())`` (benchmarks/tfserving_encoding_bench.py). ``protocol: grpc``
-sends raw ``tensor_content`` bytes instead.
+encoded by orjson straight from the numpy buffers: 15-25x faster than
+``json.dumps(arr.tolist())``, and its answer decodes 5-15x faster than with ``json.loads``
+(benchmarks/tfserving_encoding_bench.py). The row format ("instances") costs the same to
+encode for one unnamed input; columnar names the input and TF Serving parses it as one
+tensor instead of instance by instance. ``protocol: grpc`` sends raw ``tensor_content``
+bytes instead (it imports TensorFlow, which tensorflow-serving-api's protos need).
 
 Tensor names come from ``GET /v1/models/<m>/metadata`` unless a route names them; a
 route's ``version`` pins ``/versions/<v>``. With ``--enable_batching`` TF Serving refuses a
@@ -132,7 +135,9 @@ class TFServingBackend(Backend):
 
     def _infer_rest(self, route, batch: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
         self.calls += 1
-        body = orjson.dumps({"signature_name": self.signature, "inputs": {input_name: np.ascontiguousarray(batch)}},
+        # A list of per-image arrays gives the same bytes as the 4-D array, 1.6-1.9x faster in orjson.
+        images = list(np.ascontiguousarray(batch, dtype=np.float32))
+        body = orjson.dumps({"signature_name": self.signature, "inputs": {input_name: images}},
                             option=orjson.OPT_SERIALIZE_NUMPY)
         answer = self._json(self._request("POST", self._model_url(route) + ":predict", data=body,
                                           headers={"Content-Type": "application/json"}), route)

@@ -45,7 +45,7 @@ def run(args) -> int:
         if getattr(args, "docker", False):
             docker = _launcher("docker")
             if args.action == "up":
-                docker.start(args.name, config)
+                docker.start(args.name, config, timeout=args.timeout)
             else:
                 docker.stop(args.name)
             return 0

@@ -1,10 +1,12 @@
 """`gateway backends up|down --docker NAME`: one official image through the Docker SDK.
 
 The same images, commands and mounts as compose/docker-compose.yml (read from it, so the
-two cannot drift), with the host ports gateway.yaml expects, bound to loopback.
+two cannot drift), with the host ports gateway.yaml expects, bound to loopback. ``start``
+returns once the gateway's own adapter finds every routed model ready.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -45,13 +47,42 @@ def container_spec(name: str, config) -> dict:
             "shm_size": service.get("shm_size")}
 
 
-def start(name: str, config) -> None:
+def wait_ready(name: str, config, timeout: float) -> None:
+    """Poll the backend's routed models through the gateway's adapter until all are ready."""
+    from gateway.config import backend_class
+
+    settings = config.backends[name]
+    backend = backend_class(settings.kind)(settings)
+    routes = [r for m in config.models.values() for r in m.routes if r.backend == name]
+    backend.load(routes)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            waiting = [r.model for r in routes if not backend.ready(r)]
+            if not waiting:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} at {settings.url}: models {sorted(set(waiting))} not ready "
+                                   f"after {timeout:g} s")
+            time.sleep(1)
+    finally:
+        backend.close()
+
+
+def start(name: str, config, timeout: float = 300.0) -> None:
     client = _client()
     spec = container_spec(name, config)
     stop(name, client)
-    client.containers.run(spec["image"], command=spec["command"], name=PREFIX + name, detach=True,
-                          volumes=spec["volumes"], ports=spec["ports"], shm_size=spec["shm_size"], remove=True)
-    print(f"{name}: started {spec['image']} as container {PREFIX + name}")
+    container = client.containers.run(spec["image"], command=spec["command"], name=PREFIX + name, detach=True,
+                                      volumes=spec["volumes"], ports=spec["ports"], shm_size=spec["shm_size"],
+                                      remove=True)
+    print(f"{name}: started {spec['image']} as container {PREFIX + name}; waiting for its models")
+    try:
+        wait_ready(name, config, timeout)
+    except RuntimeError as exc:
+        logs = container.logs(tail=30).decode(errors="replace")
+        raise RuntimeError(f"{exc}; the container is left running (`gateway backends down --docker {name}`); "
+                           f"its last log lines:\n{logs}") from None
 
 
 def stop(name: str, client=None) -> None:
