@@ -1,11 +1,11 @@
 """One pooled, thread-safe HTTP session per backend, with transport faults mapped to the
-gateway's errors: cannot connect -> 503, no answer in time -> 504."""
+gateway's errors: cannot connect -> 503, no answer in time -> 504, a broken answer -> 502."""
 from __future__ import annotations
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from gateway.errors import BackendTimeout, BackendUnavailable
+from gateway.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
 
 
 class BackendSession:
@@ -26,6 +26,8 @@ class BackendSession:
             raise BackendTimeout(self.backend, f"no answer within {self.timeout[1]:g} s") from None
         except requests.ConnectionError as exc:
             raise BackendUnavailable(self.backend, f"cannot connect to {url}: {type(exc).__name__}") from None
+        except requests.RequestException as exc:  # a broken answer (chunked encoding, bad headers, ...)
+            raise BackendBadResponse(self.backend, f"broken answer from {url}: {type(exc).__name__}") from None
 
     def close(self) -> None:
         self.session.close()
