@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, load_yaml_config, preprocessed, route_of
+from conftest import ROOT, free_port, load_yaml_config, preprocessed, route_of
+from gateway.backends.triton import TritonBackend
 from gateway.config import load_config
-from gateway.errors import BackendUnavailable
+from gateway.errors import BackendRejected, BackendUnavailable
 from gateway.postprocess import softmax
 from gateway.servers import triton as launcher
 from gateway.service import Gateway
@@ -23,13 +24,16 @@ from gateway.service import Gateway
 CAT, COFFEE = {281, 282, 285}, {967, 968, 504}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def triton_server():
+    """The real tritonserver on gateway.yaml's ports; one already started by `backends up` is reused and kept."""
     config = load_config(ROOT / "gateway.yaml")
+    was_running = launcher.status(config)["running"]
     launcher.start(config, timeout=300)
     yield config
-    launcher.stop(config)
-    assert not launcher.status(config)["running"]
+    if not was_running:
+        launcher.stop(config)
+        assert not launcher.status(config)["running"]
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +110,32 @@ def test_triton_model_not_loaded_is_a_clear_unavailable_error(gateway, photos):
     assert not gateway.backends["triton"].ready(missing)
 
 
+def test_triton_unreachable_server_is_unavailable_naming_triton(triton_server, gateway, photos):
+    r, batch = preprocessed(gateway, "efficientnet_lite0", "triton", photos)
+    dead = triton_server.with_backend("triton", url=f"http://127.0.0.1:{free_port()}")
+    backend = TritonBackend(dead.backends["triton"])
+    try:
+        with pytest.raises(BackendUnavailable, match="triton.*cannot connect") as err:
+            backend.infer(r, batch)
+        assert err.value.backend == "triton"
+        assert not backend.ready(r)
+    finally:
+        backend.close()
+
+
+def test_triton_relearns_the_model_config_after_a_failed_call(gateway, photos):
+    """A stale cached config (e.g. the model was reloaded) costs one failed call, not all later ones."""
+    r, batch = preprocessed(gateway, "efficientnet_lite0", "triton", photos)
+    backend = gateway.backends["triton"]
+    info = backend.model_info(r)
+    key = next(k for k, v in backend._info.items() if v is info)
+    backend._info[key] = type(info)(**{**info.__dict__, "input_name": "renamed__0"})
+    with pytest.raises((BackendRejected, BackendUnavailable), match="renamed__0"):
+        backend.infer(r, batch)
+    assert backend.infer(r, batch).shape == (2, 1000)
+    assert backend.model_info(r) == info
+
+
 # --- through the real gateway over HTTP ---
 
 def classify(url, data, model, backend):
@@ -134,9 +164,13 @@ def test_triton_stopped_mid_traffic_fails_over_then_recovers(triton_server, star
     config = load_yaml_config()
     routes = config["models"]["efficientnet_lite0"]["routes"]
     config["models"]["efficientnet_lite0"]["routes"] = [r for r in routes if r["backend"] == "triton"] + \
-        [r for r in routes if r["backend"] == "embedded"]
+        [r for r in routes if r["backend"] == "embedded"] + \
+        [{"name": "triton-missing", "backend": "triton", "model": "resnet_not_loaded"}]
     url = start_gateway(config, workers=1)
     assert classify(url, chelsea_jpeg, "efficientnet_lite0", None).json()["backend"] == "triton"
+    missing = classify(url, chelsea_jpeg, "efficientnet_lite0", "triton-missing")
+    assert missing.status_code in (404, 503)
+    assert missing.json()["error"]["backend"] == "triton" and "resnet_not_loaded" in missing.json()["error"]["message"]
 
     results, stop_flag = [], threading.Event()
 

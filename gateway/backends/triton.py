@@ -7,7 +7,8 @@ pooled ``requests.Session``, which the WSGI server's threads can share.
 
 Input name, layout, dims, dtype and ``max_batch_size`` come from the server's model
 config (a route's ``input``/``output_name`` override the names); a request larger than
-``max_batch_size`` is split into several calls and reassembled in order.
+``max_batch_size`` is split into several calls and reassembled in order. The config is
+cached per model and dropped after a failed call, so a reloaded model is re-learned.
 """
 from __future__ import annotations
 
@@ -107,10 +108,19 @@ class TritonBackend(Backend):
 
     def infer(self, route, batch: np.ndarray) -> np.ndarray:
         info = self.model_info(route)
-        batch = self._conform(route, info, batch)
-        step = info.max_batch_size or 1  # max_batch_size 0: no batch axis, one image per call
-        return np.concatenate([self._infer_chunk(route, info, batch[i:i + step])
-                               for i in range(0, len(batch), step)])
+        try:
+            batch = self._conform(route, info, batch)
+            step = info.max_batch_size or 1  # max_batch_size 0: no batch axis, one image per call
+            return np.concatenate([self._infer_chunk(route, info, batch[i:i + step])
+                                   for i in range(0, len(batch), step)])
+        except (BackendUnavailable, BackendRejected, BackendBadResponse):
+            self.forget(route)  # the model may have been reloaded with another config: ask again next time
+            raise
+
+    def forget(self, route) -> None:
+        """Drop the cached config of ``route``'s model."""
+        with self._lock:
+            self._info.pop((route.model, route.version, route.input_name, route.output_name), None)
 
     def _conform(self, route, info: TritonModelInfo, batch: np.ndarray) -> np.ndarray:
         """Adapt layout and dtype to what the server declares; refuse a size mismatch."""

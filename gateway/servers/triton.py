@@ -92,12 +92,15 @@ def start(config, timeout: float = 180.0) -> None:
         f"--metrics-address={host}", f"--metrics-port={port + 2}",
         "--allow-gpu-metrics=false", "--exit-timeout-secs=5", "--log-verbose=0",
     ]
+    envs_before = _python_envs()
     pid = process.spawn(cmd, log, pid_file, env=_env(), cwd=run)
     try:
         process.wait_until(lambda: _ready(base), timeout, pid, "tritonserver", log)
     except RuntimeError:
+        _note_envs(run, envs_before)
         stop(config)
         raise
+    _note_envs(run, envs_before)
 
 
 def stop(config) -> None:
@@ -111,15 +114,41 @@ def stop(config) -> None:
         if _cmdline(proc_dir).startswith(stub):
             process.terminate(int(proc_dir.rsplit("/", 1)[1]), timeout=5)
     (run / "tritonserver.pid").unlink(missing_ok=True)
-    _clean_leftovers()
+    _clean_leftovers(run)
 
 
-def _clean_leftovers() -> None:
-    """Unclean stops leave python-backend shared memory and env dirs behind."""
-    if any(_cmdline(p).endswith("tritonserver") for p in glob.glob("/proc/[0-9]*")):
-        return  # another tritonserver still runs: its regions are in use
-    for path in glob.glob("/dev/shm/triton_*_backend_shm_region_*") + glob.glob("/tmp/python_env_*"):
-        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else _unlink(path)
+def _python_envs() -> set[str]:
+    return set(glob.glob("/tmp/python_env_*"))
+
+
+def _note_envs(run: Path, before: set[str]) -> None:
+    """Env dirs made while our server started are ours: stop() removes them."""
+    (run / "python_envs.txt").write_text("\n".join(sorted(_python_envs() - before)))
+
+
+def _clean_leftovers(run: Path) -> None:
+    """Unclean stops leave python-backend shared memory and env dirs behind.
+
+    A shm region goes when no live process maps it (another tritonserver may be running);
+    env dirs go when they were made by our server (noted at start) or when no tritonserver runs.
+    """
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            mapped.update(line.rsplit(None, 1)[-1] for line in open(maps) if "/dev/shm/triton_" in line)
+        except OSError:
+            pass
+    for region in glob.glob("/dev/shm/triton_*_backend_shm_region_*"):
+        if region not in mapped:
+            _unlink(region)
+    noted = run / "python_envs.txt"
+    envs = set(noted.read_text().split()) if noted.is_file() else set()
+    if not any(_cmdline(p).endswith("tritonserver") for p in glob.glob("/proc/[0-9]*")):
+        envs |= _python_envs()
+    for path in envs:
+        if path.startswith("/tmp/python_env_"):
+            shutil.rmtree(path, ignore_errors=True)
+    noted.unlink(missing_ok=True)
 
 
 def _cmdline(proc_dir: str) -> str:
