@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test models bench clean
+.PHONY: setup serve test models bench bench-triton bench-torchserve clean
 
 setup: $(STAMP) models
 
@@ -32,6 +32,12 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/embedded_bench.py
+
+bench-triton: setup
+	$(BIN)/python benchmarks/triton_bench.py
+
+bench-torchserve: setup
+	$(BIN)/python benchmarks/torchserve_bench.py
 
 clean:
 	rm -rf run onnx artifacts.json model_repository/*/1 torchserve/model_store tfserving/models
