@@ -5,8 +5,9 @@
 - One JSON line per image, in input order: ``{"file", "model", "backend", "predictions"}`` or
   ``{"file", "error": {"status", "code", "message"}}`` - a corrupt file is an error line, never a gap.
 - Resumable: lines already in --out are kept and skipped (a torn last line from a crash is cut).
-  Gateway outages (no answer, 5xx) are retried, then stop the run *without* writing a line, so
-  the next run picks the image up again.
+  Gateway outages (no answer, 503, 504) are retried, then stop the run *without* writing a line,
+  so the next run picks the image up again; a 502 that persists through the retries is about
+  this image's answer and becomes its error line.
 - ``--shard i/n``: only every n-th file starting at i, so n machines split one dataset.
 """
 from __future__ import annotations
@@ -92,6 +93,8 @@ def classify_one(client: GatewayClient, path: Path, key: str, model, backend, to
                 return {"file": key, "error": {"status": exc.status, "code": exc.code, "message": exc.message}}
             last = exc
             time.sleep(0.5 * 2 ** attempt)
+    if last.status == 502:  # the backend keeps answering this image badly: record it, move on
+        return {"file": key, "error": {"status": 502, "code": last.code, "message": last.message}}
     raise GatewayDown(f"{key}: {last}")
 
 
@@ -152,7 +155,8 @@ def _bar(total: int, enabled: bool):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("batch", help="classify a folder (or a list of paths) into a JSONL file")
-    p.add_argument("input", type=Path, help="folder of images, or a text file with one path per line")
+    p.add_argument("input", type=Path,
+                   help="folder of images (its files in name order, not sub-folders) or a text file of paths")
     p.add_argument("--out", type=Path, required=True, help="JSON Lines output (appended to; resumable)")
     p.add_argument("--url", default=DEFAULT_URL)
     p.add_argument("--model", default=None)

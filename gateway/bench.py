@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import platform
 import sys
 import time
 from pathlib import Path
@@ -38,8 +40,14 @@ def _embedded_baseline(config, route):
 
     from gateway.preprocess import preprocess_bytes
 
-    path = config.path(config.backends[route.backend].options["model_dir"]) / f"{route.model}.onnx"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = config.backends[route.backend].options
+    path = config.path(options["model_dir"]) / f"{route.model}.onnx"
+    # The gateway's per-call resources: one intra-op thread per call unless configured (concurrent
+    # callers still use every core). ORT's default, a spinning thread per core, measured ~2x slower
+    # per call on a busy 2-core machine, which would flatter the gateway.
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = options["intra_op_threads"] or 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda data: session.run(None, {name: preprocess_bytes(data, route.preprocess)[None]})
 
@@ -79,15 +87,21 @@ def _torchserve_baseline(config, route):
 BASELINES = {"embedded": _embedded_baseline, "triton": _triton_baseline, "torchserve": _torchserve_baseline}
 
 
-def targets(url: str, config, model: str, baselines: bool, log) -> list[tuple[str, str, object]]:
-    """(name, kind, call) for each ready route and each direct baseline that can run."""
-    detail = requests.get(f"{url}/v1/models/{model}", timeout=30).json()
+def targets(url: str, config, model: str, baselines: bool, log,
+            only: list[str] | None = None) -> list[tuple[str, str, str, object]]:
+    """(name, kind, route name, call) for each ready route and each direct baseline that can run."""
+    resp = requests.get(f"{url}/v1/models/{model}", timeout=30)
+    if resp.status_code != 200:
+        raise RuntimeError(f"{url}/v1/models/{model} answered {resp.status_code}: {resp.text[:300]}")
+    detail = resp.json()
     out = []
     for info in detail["routes"]:
+        if only and info["name"] not in only:
+            continue
         if not info["ready"]:
             log(f"skip route {info['name']}: not ready")
             continue
-        out.append((f"gateway -> {info['name']}", "gateway", _gateway_call(url, model, info["name"])))
+        out.append((f"gateway -> {info['name']}", "gateway", info["name"], _gateway_call(url, model, info["name"])))
         make = BASELINES.get(info["kind"]) if baselines else None
         if make is None:
             continue
@@ -95,28 +109,33 @@ def targets(url: str, config, model: str, baselines: bool, log) -> list[tuple[st
         if route is None:
             continue
         try:
-            out.append((f"direct {info['kind']} ({route.model})", "direct", make(config, route)))
+            out.append((f"direct {info['kind']} ({route.model})", "direct", info["name"], make(config, route)))
         except Exception as exc:  # a baseline that cannot start is reported, not fatal
             log(f"skip direct {info['kind']} baseline: {type(exc).__name__}: {exc}")
     return out
 
 
 def run_bench(url: str, config, model: str, images: list[bytes], concurrency: list[int], requests_per: int,
-              out_dir: Path, baselines: bool = True, progress: bool = True, log=print) -> list[dict]:
+              out_dir: Path, baselines: bool = True, progress: bool = True, log=print,
+              duration: float | None = None, only: list[str] | None = None) -> list[dict]:
+    """Each target at each concurrency: ``requests_per`` requests, or ``duration`` seconds when given."""
     from tqdm import tqdm
 
-    plan = targets(url, config, model, baselines, log)
+    plan = targets(url, config, model, baselines, log, only)
     if not plan:
         raise RuntimeError(f"no ready route for model {model!r}")
     rows = []
-    bar = tqdm(total=len(plan) * len(concurrency) * requests_per, unit="req", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
-    for name, kind, call in plan:
-        for c in concurrency:
-            stats = run_load(call, images, concurrency=c, total=requests_per, warmup=min(4, requests_per),
-                             on_done=lambda: bar.update(1))
-            rows.append({"target": name, "kind": kind, "model": model, "concurrency": c, **stats})
+    total = None if duration else len(plan) * len(concurrency) * requests_per
+    bar = tqdm(total=total, unit="req", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 5.0)
+    for c in concurrency:  # targets side by side at each level, so background noise hits them alike
+        for name, kind, route_name, call in plan:
+            bar.set_description(f"{name} @{c}", refresh=False)
+            stats = run_load(call, images, concurrency=c, total=None if duration else requests_per,
+                             duration=duration, warmup=max(4, 2 * c), on_done=lambda: bar.update(1))
+            rows.append({"target": name, "kind": kind, "route": route_name, "model": model, "concurrency": c, **stats})
     bar.close()
+    rows.sort(key=lambda r: [p[0] for p in plan].index(r["target"]))  # stable: by target, then level
     write_results(rows, out_dir, model)
     return rows
 
@@ -124,8 +143,10 @@ def run_bench(url: str, config, model: str, images: list[bytes], concurrency: li
 def write_results(rows: list[dict], out_dir: Path, model: str) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "bench.json", "csv": out_dir / "bench.csv", "png": out_dir / "bench.png"}
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "python": platform.python_version()}
     paths["json"].write_text(json.dumps({"model": model, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                         "results": rows}, indent=2))
+                                         "machine": machine, "results": rows}, indent=2))
     with open(paths["csv"], "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -143,9 +164,10 @@ def _chart(rows: list[dict], path: Path, model: str) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for name in dict.fromkeys(r["target"] for r in rows):
         mine = [r for r in rows if r["target"] == name]
-        style = "-o" if mine[0]["kind"] == "gateway" else "--s"
-        ax1.plot([r["concurrency"] for r in mine], [r["throughput"] for r in mine], style, label=name)
-        ax2.plot([r["concurrency"] for r in mine], [r["p50_ms"] for r in mine], style, label=name)
+        style = "-o" if mine[0]["kind"] == "gateway" else "--s"  # one colour per route, direct dashed
+        color = f"C{list(dict.fromkeys(r['route'] for r in rows)).index(mine[0]['route']) % 10}"
+        ax1.plot([r["concurrency"] for r in mine], [r["throughput"] for r in mine], style, color=color, label=name)
+        ax2.plot([r["concurrency"] for r in mine], [r["p50_ms"] for r in mine], style, color=color, label=name)
     ax1.set(title=f"{model}: throughput", xlabel="concurrent clients", ylabel="images/s")
     ax2.set(title=f"{model}: median latency", xlabel="concurrent clients", ylabel="p50 (ms)")
     for ax in (ax1, ax2):
@@ -172,6 +194,9 @@ def register(subparsers) -> None:
     p.add_argument("--images", type=Path, default=None, help="folder of images (default: bundled photos)")
     p.add_argument("--concurrency", default="1,4,8", help="comma-separated client counts (default 1,4,8)")
     p.add_argument("--requests", type=int, default=100, help="requests per target and concurrency")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds per target and concurrency (instead of --requests)")
+    p.add_argument("--routes", default=None, help="comma-separated route names (default: every ready route)")
     p.add_argument("--workers", type=int, default=2, help="workers of the gateway it starts")
     p.add_argument("--out", type=Path, default=Path("bench_results"))
     p.add_argument("--no-baselines", action="store_true")
@@ -187,20 +212,27 @@ def bench_command(args) -> int:
         print(f"gateway bench: {exc}", file=sys.stderr)
         return 2
     if args.images:
+        if not args.images.is_dir():
+            print(f"gateway bench: --images {args.images} is not a folder", file=sys.stderr)
+            return 2
         images = [p.read_bytes() for p in sorted(args.images.iterdir()) if p.is_file()]
+        if not images:
+            print(f"gateway bench: no files in {args.images}", file=sys.stderr)
+            return 2
     else:
         images = list(sample_photos().values())
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     gateway = None
-    if args.url is None:
-        from gateway.servers.local_gateway import LocalGateway
-
-        gateway = LocalGateway(Path(args.config).resolve(), workers=args.workers,
-                               log_path=config.root / "run" / "bench-gateway.log")
     try:
+        if args.url is None:
+            from gateway.servers.local_gateway import LocalGateway
+
+            gateway = LocalGateway(Path(args.config).resolve(), workers=args.workers,
+                                   log_path=config.root / "run" / "bench-gateway.log")
         rows = run_bench(args.url or gateway.url, config, args.model, images, concurrency, args.requests,
-                         args.out, baselines=not args.no_baselines, progress=not args.no_progress, log=log)
-    except RuntimeError as exc:
+                         args.out, baselines=not args.no_baselines, progress=not args.no_progress, log=log,
+                         duration=args.duration, only=args.routes.split(",") if args.routes else None)
+    except (RuntimeError, requests.RequestException) as exc:
         print(f"gateway bench: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -82,14 +82,14 @@ def classify_command(args) -> int:
     """Prints like Triton's image_client: one block per image, `    score (index) = label`."""
     client = GatewayClient(args.url)
     status = 0
-    for i, path in enumerate(args.images):
+    for path in args.images:
         try:
             body = client.classify(Path(path), model=args.model, backend=args.backend, top_k=args.top_k)
         except (ClientError, OSError) as exc:
             print(f"Image '{path}': error: {exc}", file=sys.stderr)
             status = 1
             continue
-        print(f"Image '{path}' (request {i}, model {body['model']}, backend {body['backend']}):")
+        print(f"Image '{path}':")  # Triton image_client's layout
         for p in body["results"][0]["predictions"]:
             print(f"    {p['score']:.4f} ({p['index']}) = {p['label']}")
     return status

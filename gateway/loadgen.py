@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import statistics
 import threading
 import time
@@ -37,24 +38,28 @@ def summarize(latencies_s: list[float], wall_s: float, errors: int = 0, images_p
     }
 
 
-def run_load(call: Callable, items: list, concurrency: int, total: int, warmup: int = 4,
-             on_done: Callable[[], None] | None = None) -> dict:
-    """Call ``call(item)`` ``total`` times over ``items`` from ``concurrency`` threads.
+def run_load(call: Callable, items: list, concurrency: int, total: int | None = None, warmup: int = 4,
+             on_done: Callable[[], None] | None = None, duration: float | None = None) -> dict:
+    """Call ``call(item)`` ``total`` times (or for ``duration`` seconds) over ``items`` from
+    ``concurrency`` threads, after ``warmup`` untimed calls.
 
     ``call`` is made per thread (``call()`` -> function) when it has ``per_thread=True``, so
     clients that are not thread-safe get one instance each.
     """
+    if (total is None) == (duration is None):
+        raise ValueError("run_load needs exactly one of total or duration")
     for i in range(warmup):
         _resolve(call)(items[i % len(items)])
     latencies, errors, lock = [], [0], threading.Lock()
-    counter = iter(range(total))
+    counter = iter(range(total)) if total is not None else itertools.count()
+    deadline = time.perf_counter() + duration if duration is not None else None
 
     def worker():
         fn = _resolve(call)
         while True:
             with lock:
                 i = next(counter, None)
-            if i is None:
+            if i is None or (deadline is not None and time.perf_counter() >= deadline):
                 return
             t0 = time.perf_counter()
             try:

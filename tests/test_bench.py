@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -22,3 +24,21 @@ def test_bench_sweep_writes_json_csv_and_png(gateway_url, tmp_path):
     rows = list(csv.DictReader(open(out / "bench.csv")))
     assert len(rows) == len(results)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_load_generator_counts_requests_and_errors_in_both_modes():
+    from gateway.loadgen import run_load
+
+    calls = []
+
+    def call(item):
+        calls.append(item)
+        if item == "bad":
+            raise RuntimeError("boom")
+
+    stats = run_load(call, ["ok", "ok", "bad"], concurrency=2, total=9, warmup=0)
+    assert stats["requests"] == 6 and stats["errors"] == 3 and len(calls) == 9
+    timed = run_load(lambda item: None, ["ok"], concurrency=2, duration=0.2, warmup=1)
+    assert timed["requests"] > 0 and timed["errors"] == 0
+    with pytest.raises(ValueError):
+        run_load(call, ["ok"], concurrency=1, total=1, duration=1.0)

@@ -29,8 +29,9 @@ def test_gateway_classify_prints_image_client_lines(gateway_url, photo_files):
     proc = run("-m", "gateway", "classify", str(photo_files / "chelsea.jpg"), str(photo_files / "coffee.jpg"),
                "--url", gateway_url, "--top-k", "3")
     assert proc.returncode == 0, proc.stderr
+    headers = [line for line in proc.stdout.splitlines() if not line.startswith("    ")]
+    assert headers == [f"Image '{photo_files / name}':" for name in ("chelsea.jpg", "coffee.jpg")]
     blocks = proc.stdout.split("Image '")[1:]
-    assert len(blocks) == 2 and "chelsea.jpg" in blocks[0] and "coffee.jpg" in blocks[1]
     lines = re.findall(r"^    (\d\.\d{4}) \((\d+)\) = (.+)$", blocks[0], flags=re.M)
     assert len(lines) == 3 and int(lines[0][1]) in CAT and lines[0][2] in {"tabby", "tiger cat", "Egyptian cat"}
     assert [float(s) for s, _, _ in lines] == sorted((float(s) for s, _, _ in lines), reverse=True)

@@ -2,6 +2,7 @@
 -> 502, and the gateway keeps serving. The misbehaving server is a FAULT DOUBLE (a few lines
 speaking TF Serving's REST shapes), since no real engine misbehaves on demand; real servers
 being stopped mid-traffic are covered in test_triton.py and test_torchserve.py."""
+import json
 import threading
 import time
 
@@ -95,3 +96,18 @@ def test_gateway_keeps_serving_after_faults(faulty_gateway, chelsea_jpeg):
     assert ok.status_code == 200 and ok.json()["backend"] == "embedded"
     detail = requests.get(f"{faulty_gateway}/v1/models/mobilenet_v2", timeout=30).json()
     assert {r["name"]: r["ready"] for r in detail["routes"]}["embedded"] is True
+
+
+def test_batch_records_a_persistent_502_as_the_images_error_line(faulty_gateway, chelsea_jpeg, tmp_path):
+    from gateway.batch import run_batch
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes(chelsea_jpeg)
+    out = tmp_path / "out.jsonl"
+    stats = run_batch(folder, out, url=faulty_gateway, model="mobilenet_v2", backend="garbage",
+                      progress=False, log=lambda m: None)
+    assert "aborted" not in stats and stats["written"] == 2 and stats["errors"] == 2
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["a.jpg", "b.jpg"] and {r["error"]["status"] for r in rows} == {502}
