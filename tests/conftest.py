@@ -103,6 +103,12 @@ def coffee_jpeg() -> bytes:
     return jpeg_bytes(data.coffee())
 
 
+@pytest.fixture(scope="session")
+def photos(chelsea_jpeg, coffee_jpeg) -> list[bytes]:
+    """[chelsea, coffee] as JPEG: a cat and an espresso."""
+    return [chelsea_jpeg, coffee_jpeg]
+
+
 def route_of(gw, model: str, name: str):
     """The route called ``name`` of a gateway model."""
     return next(r for r in gw.config.models[model].routes if r.name == name)

@@ -41,11 +41,6 @@ def gateway(torchserve_server):
     gw.close()
 
 
-@pytest.fixture(scope="module")
-def photos(chelsea_jpeg, coffee_jpeg):
-    return [chelsea_jpeg, coffee_jpeg]
-
-
 def test_torchserve_jpeg_straight_to_torchserve_gets_seed_style_top5(torchserve_server, chelsea_jpeg):
     url = torchserve_server.backends["torchserve"].url
     answer = requests.post(f"{url}/predictions/efficientnet_lite0", data=chelsea_jpeg, timeout=60).json()

@@ -44,11 +44,6 @@ def gateway(triton_server):
     gw.close()
 
 
-@pytest.fixture(scope="module")
-def photos(chelsea_jpeg, coffee_jpeg):
-    return [chelsea_jpeg, coffee_jpeg]
-
-
 def test_triton_server_reports_the_canonical_platforms(triton_server):
     base = triton_server.backends["triton"].url
     platforms = {m: requests.get(f"{base}/v2/models/{m}", timeout=10).json()["platform"]
