@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from common import ROOT, photos, summarize
+from common import ROOT, per_thread, photos, run_load
 from conftest import GatewayProcess
 
 
@@ -56,55 +56,46 @@ def main() -> None:
 
     gw = None if args.url else GatewayProcess(ROOT / "gateway.yaml", workers=args.workers)
     url = args.url or gw.url
-    items = list(photos().values())
     params = {"backend": args.backend} if args.backend else {}
-    latencies, errors, statuses, lock = [], [0], {}, threading.Lock()
-    stop_at = time.monotonic() + args.duration
-    memory: list[tuple[float, float]] = []
 
-    def client(n: int) -> None:
-        session, i = requests.Session(), n
-        while time.monotonic() < stop_at:
-            t0 = time.perf_counter()
-            try:
-                r = session.post(f"{url}/v1/models/{args.model}/classify", params=params,
-                                 data=items[i % len(items)], headers={"Content-Type": "image/jpeg"}, timeout=60)
-                ok = r.status_code == 200
-                with lock:
-                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
-            except requests.RequestException:
-                ok = False
-            with lock:
-                if ok:
-                    latencies.append(time.perf_counter() - t0)
-                else:
-                    errors[0] += 1
-            i += 1
+    @per_thread
+    def client():
+        session = requests.Session()
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
-    for t in threads:
-        t.start()
-    while any(t.is_alive() for t in threads):
-        if gw is not None:
-            memory.append((time.monotonic() - started, rss_mb(gw.proc.pid)))
-        time.sleep(1.0)
-    wall = time.monotonic() - started
+        def call(data: bytes):
+            session.post(f"{url}/v1/models/{args.model}/classify", params=params, data=data,
+                         headers={"Content-Type": "image/jpeg"}, timeout=60).raise_for_status()
+        return call
+
+    memory: list[float] = []
+    running = threading.Event()
+    running.set()
+
+    def sample_memory():
+        while running.is_set():
+            memory.append(rss_mb(gw.proc.pid))
+            time.sleep(1.0)
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
     if gw is not None:
-        gw.stop()
+        sampler.start()
+    try:
+        s = run_load(client, list(photos().values()), concurrency=args.clients, duration=args.duration)
+    finally:
+        running.clear()
+        if gw is not None:
+            sampler.join()
+            gw.stop()
 
-    s = summarize(latencies, wall, errors[0])
     print(f"{args.clients} clients x {args.duration:.0f} s, model {args.model}, backend {args.backend or 'auto'}")
-    print(f"requests {s['requests']}  errors {s['errors']}  statuses {statuses}  "
-          f"throughput {s['throughput']:.1f} req/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms")
+    print(f"requests {s['requests']}  errors {s['errors']}  throughput {s['throughput']:.1f} req/s  "
+          f"p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms")
     if memory:
         q = max(1, len(memory) // 4)
-        early = sum(m for _, m in memory[q:2 * q]) / q
-        late = sum(m for _, m in memory[-q:]) / q
-        print(f"gateway RSS (all processes): start {memory[0][1]:.0f} MB, 2nd quarter {early:.0f} MB, "
-              f"last quarter {late:.0f} MB, max {max(m for _, m in memory):.0f} MB "
-              f"(growth {100 * (late - early) / early:+.1f}%)")
-    os._exit(0 if errors[0] == 0 else 1)
+        early, late = sum(memory[q:2 * q]) / q, sum(memory[-q:]) / q
+        print(f"gateway RSS (all processes): start {memory[0]:.0f} MB, 2nd quarter {early:.0f} MB, "
+              f"last quarter {late:.0f} MB, max {max(memory):.0f} MB (growth {100 * (late - early) / early:+.1f}%)")
+    os._exit(0 if s["errors"] == 0 else 1)
 
 
 if __name__ == "__main__":
