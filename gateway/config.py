@@ -153,13 +153,7 @@ def _backend(name: str, data: dict) -> BackendSettings:
     common = {"kind", "url", "connect_timeout_s", "timeout_s"}
     option_defaults = dict(getattr(backend_class(kind), "options", {}))
     _check_keys(data, common | set(option_defaults), where)
-    options = {}
-    for key, default in option_defaults.items():
-        kind_of = type(default) if default is not None else object
-        if key in data and data[key] is not None and default is not None:
-            options[key] = _typed(data, key, float if kind_of is float else kind_of, where)
-        else:
-            options[key] = data.get(key, default)
+    options = {key: _typed(data, key, type(default), where, default) for key, default in option_defaults.items()}
     url = _typed(data, "url", str, where, "")
     if kind != "embedded" and not url.startswith(("http://", "https://", "grpc://")):
         raise ConfigError(f"{where}.url: expected http(s)://host:port, got {url!r}")

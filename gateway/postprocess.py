@@ -1,6 +1,8 @@
 """Backend output -> the gateway's one response format (pure numpy)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 OUTPUTS = ("logits", "probabilities")
@@ -36,7 +38,7 @@ def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return indices, np.take_along_axis(probabilities, indices, axis=-1)
 
 
-def predictions(batch: np.ndarray, output: str, labels: list[str], k: int) -> list[list[dict]]:
+def predictions(batch: np.ndarray, output: str, labels: Sequence[str], k: int) -> list[list[dict]]:
     """Per image, the top-k as [{"label", "index", "score"}, ...] sorted by score."""
     if batch.shape[-1] != len(labels):
         raise ValueError(f"backend returned {batch.shape[-1]} classes, the model has {len(labels)} labels")

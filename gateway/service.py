@@ -146,7 +146,7 @@ class Gateway:
             self.health.succeeded(route)
             t2 = time.perf_counter()
             try:
-                preds = postprocess.predictions(raw, route.output, list(model.labels), k)
+                preds = postprocess.predictions(raw, route.output, model.labels, k)
             except ValueError as exc:
                 raise BackendBadResponse(route.backend, str(exc)) from None
             if len(preds) != len(images):
@@ -154,15 +154,14 @@ class Gateway:
             t3 = time.perf_counter()
             timings = {"preprocess": decode_ms + (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                        "postprocess": (t3 - t2) * 1e3, "total": (t3 - started) * 1e3}
-            return Classification(model, route, preds, {k: round(v, 3) for k, v in timings.items()})
+            return Classification(model, route, preds, {name: round(ms, 3) for name, ms in timings.items()})
         raise self._all_failed(model, failures)
 
     @staticmethod
     def _all_failed(model: ModelSettings, failures: list[BackendError]) -> BackendError:
         if len(failures) == 1:
             return failures[0]
-        last = failures[-1]
-        summary = "; ".join(f.message for f in failures)
-        err = type(last)(last.backend, f"every route of model {model.name!r} failed: {summary}")
-        err.message = f"every route of model {model.name!r} failed: {summary}"
+        last = failures[-1]  # its status (503 or 504) and backend stand for the whole request
+        err = type(last)(last.backend, "")
+        err.message = f"every route of model {model.name!r} failed: " + "; ".join(f.message for f in failures)
         return err

@@ -50,6 +50,8 @@ def mutate(path: str, value):
     ("backends.triton.url", "localhost:8010", "backends.triton.url"),
     ("backends.triton.timeout_s", 0, "backends.triton.timeout_s"),
     ("backends.embedded.threads", 4, "backends.embedded.threads"),
+    ("backends.triton.pool_size", "many", "backends.triton.pool_size"),
+    ("backends.embedded.model_dir", 3, "backends.embedded.model_dir"),
     ("models.efficientnet_lite0.output", "scores", "models.efficientnet_lite0.output"),
     ("models.efficientnet_lite0.labels", "nowhere.txt", "models.efficientnet_lite0.labels"),
     ("models.efficientnet_lite0.routes", [], "models.efficientnet_lite0.routes"),
