@@ -19,6 +19,7 @@ from gateway.preprocess import ImageError, decode_image, preprocess_image
 from gateway.routing import RouteHealth
 
 log = logging.getLogger("gateway")
+READY_TTL_S = 1.0
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Gateway:
             backend.root = config.root
             self.backends[name] = backend
         self.health = RouteHealth()
+        self._ready_cache: dict[tuple, tuple[float, bool]] = {}
 
     def load(self) -> None:
         """Open every backend; a backend that is down only makes its routes unready."""
@@ -85,11 +87,20 @@ class Gateway:
                        f"{', '.join(r.name for r in model.routes)}", code="unknown_backend")
 
     def route_ready(self, route: Route) -> bool:
+        """The backend's answer, reused for READY_TTL_S: probes (/readyz, listings) polled by
+        orchestrators must not turn into a stream of calls to every backend."""
+        key = (route.model_name, route.name)
+        now = time.monotonic()
+        cached = self._ready_cache.get(key)
+        if cached and now - cached[0] < READY_TTL_S:
+            return cached[1]
         try:
-            return bool(self.backends[route.backend].ready(route))
+            ready = bool(self.backends[route.backend].ready(route))
         except Exception as exc:  # readiness is a question; it must never fail the caller
             log.warning("readiness check of %s/%s failed: %s", route.model_name, route.name, exc)
-            return False
+            ready = False
+        self._ready_cache[key] = (now, ready)
+        return ready
 
     # -- the pipeline ----------------------------------------------------------------------
     def decode(self, images: list[bytes], model: ModelSettings):

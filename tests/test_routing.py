@@ -134,3 +134,18 @@ def test_backoff_is_capped():
     assert health.is_open(route)
     clock.now += 8.01
     assert not health.is_open(route)
+
+
+def test_readiness_answers_are_reused_briefly(gateway, monkeypatch):
+    import gateway.service as service
+
+    calls = []
+    use(gateway, embedded=[7])
+    gateway.backends["embedded"].ready = lambda route: calls.append(route) or True
+    route = gateway.config.models["efficientnet_lite0"].routes[0]
+    now = [1000.0]
+    monkeypatch.setattr(service.time, "monotonic", lambda: now[0])
+    assert gateway.route_ready(route) and gateway.route_ready(route)
+    assert len(calls) == 1  # the second question was answered from the cache
+    now[0] += service.READY_TTL_S + 0.01
+    assert gateway.route_ready(route) and len(calls) == 2
