@@ -9,8 +9,9 @@ from gateway.errors import BackendBadResponse, BackendTimeout, BackendUnavailabl
 
 
 class BackendSession:
-    def __init__(self, backend: str, settings, pool_size: int = 16):
+    def __init__(self, backend: str, settings):
         self.backend = backend
+        pool_size = int(settings.options.get("pool_size") or 16)
         self.timeout = (settings.connect_timeout_s, settings.timeout_s)
         self.session = requests.Session()
         adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)

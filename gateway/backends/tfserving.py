@@ -40,7 +40,7 @@ class TFServingBackend(Backend):
         super().__init__(settings)
         if settings.options.get("protocol") not in ("rest", "grpc"):
             raise ValueError(f"backends.{settings.name}.protocol: expected rest or grpc")
-        self.http = BackendSession(self.name, settings, int(settings.options.get("pool_size") or 16))
+        self.http = BackendSession(self.name, settings)
         self.signature = settings.options.get("signature") or "serving_default"
         self._names: dict[tuple, tuple[str, str]] = {}
         self._grpc = None
@@ -51,9 +51,6 @@ class TFServingBackend(Backend):
     def _model_url(self, route) -> str:
         url = f"{self.settings.url}/v1/models/{route.model}"
         return f"{url}/versions/{route.version}" if route.version else url
-
-    def _request(self, method: str, url: str, **kw) -> requests.Response:
-        return self.http.request(method, url, **kw)
 
     def _error(self, resp: requests.Response, route):
         try:
@@ -91,7 +88,7 @@ class TFServingBackend(Backend):
             if route.input_name and route.output_name:
                 names = (route.input_name, route.output_name)
             else:
-                meta = self._json(self._request("GET", self._model_url(route) + "/metadata"), route)
+                meta = self._json(self.http.request("GET", self._model_url(route) + "/metadata"), route)
                 try:
                     sig = meta["metadata"]["signature_def"]["signature_def"][self.signature]
                     inputs, outputs = list(sig["inputs"]), list(sig["outputs"])
@@ -110,7 +107,7 @@ class TFServingBackend(Backend):
 
     def ready(self, route) -> bool:
         try:
-            resp = self._request("GET", self._model_url(route))
+            resp = self.http.request("GET", self._model_url(route))
             if resp.status_code != 200:
                 return False
             return any(v.get("state") == "AVAILABLE" for v in orjson.loads(resp.content)["model_version_status"])
@@ -118,7 +115,7 @@ class TFServingBackend(Backend):
             return False
 
     def metadata(self, route) -> dict:
-        meta = self._json(self._request("GET", self._model_url(route) + "/metadata"), route)
+        meta = self._json(self.http.request("GET", self._model_url(route) + "/metadata"), route)
         input_name, output_name = self.tensor_names(route)
         return {"model_spec": meta.get("model_spec"), "signature": self.signature,
                 "input": input_name, "output": output_name, "protocol": self.settings.options["protocol"]}
@@ -139,7 +136,7 @@ class TFServingBackend(Backend):
         images = list(np.ascontiguousarray(batch, dtype=np.float32))
         body = orjson.dumps({"signature_name": self.signature, "inputs": {input_name: images}},
                             option=orjson.OPT_SERIALIZE_NUMPY)
-        answer = self._json(self._request("POST", self._model_url(route) + ":predict", data=body,
+        answer = self._json(self.http.request("POST", self._model_url(route) + ":predict", data=body,
                                           headers={"Content-Type": "application/json"}), route)
         outputs = answer.get("outputs") if isinstance(answer, dict) else None
         if isinstance(outputs, dict):

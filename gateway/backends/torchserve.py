@@ -30,7 +30,7 @@ class TorchServeBackend(Backend):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.http = BackendSession(self.name, settings, int(settings.options.get("pool_size") or 16))
+        self.http = BackendSession(self.name, settings)
         url = urlparse(settings.url)
         self.management_url = (settings.options.get("management_url")
                                or f"{url.scheme}://{url.hostname}:{(url.port or 8080) + 1}").rstrip("/")

@@ -43,7 +43,7 @@ class TritonBackend(Backend):
 
     def __init__(self, settings):
         super().__init__(settings)
-        self.http = BackendSession(self.name, settings, int(settings.options.get("pool_size") or 16))
+        self.http = BackendSession(self.name, settings)
         self._info: dict[tuple, TritonModelInfo] = {}
         self._lock = threading.Lock()
         self.calls = 0  # inference HTTP calls made (batches split count separately)
@@ -52,9 +52,6 @@ class TritonBackend(Backend):
     def _model_url(self, route) -> str:
         url = f"{self.settings.url}/v2/models/{route.model}"
         return f"{url}/versions/{route.version}" if route.version else url
-
-    def _request(self, method: str, url: str, **kw) -> requests.Response:
-        return self.http.request(method, url, **kw)
 
     def _error(self, resp: requests.Response, route):
         try:
@@ -73,7 +70,7 @@ class TritonBackend(Backend):
         key = (route.model, route.version, route.input_name, route.output_name)
         info = self._info.get(key)
         if info is None:
-            resp = self._request("GET", self._model_url(route) + "/config")
+            resp = self.http.request("GET", self._model_url(route) + "/config")
             if resp.status_code != 200:
                 raise self._error(resp, route)
             try:
@@ -102,7 +99,7 @@ class TritonBackend(Backend):
     # -- Backend interface -----------------------------------------------------------------
     def ready(self, route) -> bool:
         try:
-            return self._request("GET", self._model_url(route) + "/ready").status_code == 200
+            return self.http.request("GET", self._model_url(route) + "/ready").status_code == 200
         except (BackendUnavailable, BackendTimeout):
             return False
 
@@ -147,7 +144,7 @@ class TritonBackend(Backend):
         if json_size is not None:
             headers["Inference-Header-Content-Length"] = str(json_size)
         self.calls += 1
-        resp = self._request("POST", self._model_url(route) + "/infer", data=body, headers=headers)
+        resp = self.http.request("POST", self._model_url(route) + "/infer", data=body, headers=headers)
         if resp.status_code != 200:
             raise self._error(resp, route)
         try:
@@ -166,7 +163,7 @@ class TritonBackend(Backend):
         return out
 
     def metadata(self, route) -> dict:
-        resp = self._request("GET", self._model_url(route))
+        resp = self.http.request("GET", self._model_url(route))
         if resp.status_code != 200:
             raise self._error(resp, route)
         meta = resp.json()
