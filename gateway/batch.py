@@ -25,9 +25,13 @@ from gateway.client import DEFAULT_URL, ClientError, GatewayClient
 RETRIES = 3
 
 
-def list_inputs(source: Path) -> list[Path]:
+def list_inputs(source: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
+    """The images to classify. ``exclude`` names the run's own files (its output), which are
+    never inputs even when they sit in the input folder; dot-files (temporary files) are skipped."""
     if source.is_dir():
-        return sorted((p for p in source.iterdir() if p.is_file() and not p.name.startswith(".")),
+        skip = {p.resolve() for p in exclude}
+        return sorted((p for p in source.iterdir()
+                       if p.is_file() and not p.name.startswith(".") and p.resolve() not in skip),
                       key=lambda p: p.name)
     lines = [line.strip() for line in source.read_text().splitlines()]
     paths = [Path(line) for line in lines if line and not line.startswith("#")]
@@ -101,7 +105,7 @@ def classify_one(client: GatewayClient, path: Path, key: str, model, backend, to
 def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backend=None, top_k=None,
               concurrency: int = 4, shard_spec: str | None = None, progress: bool = True, limit: int | None = None,
               log=print) -> dict:
-    files = list_inputs(source)
+    files = list_inputs(source, exclude=(out,))
     if shard_spec:
         files = shard(files, *parse_shard(shard_spec))
     root = source if source.is_dir() else source.parent

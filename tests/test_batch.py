@@ -50,6 +50,19 @@ def test_interrupted_batch_resumes_with_every_image_exactly_once(gateway_url, fo
     assert again["written"] == 0 and len(lines(out)) == 9
 
 
+def test_output_inside_the_input_folder_is_never_an_input(gateway_url, folder, tmp_path):
+    """`gateway batch DIR --out DIR/results.jsonl`, run twice: the output is not read as an image."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (inputs / name).write_bytes((folder / "img_00.jpg").read_bytes())
+    out = inputs / "results.jsonl"
+    for _ in range(2):
+        stats = run_batch(inputs, out, url=gateway_url, progress=False, log=lambda m: None)
+        assert stats["total"] == 2
+    assert [r["file"] for r in lines(out)] == ["a.jpg", "b.jpg"]
+
+
 def test_shards_cover_the_folder_exactly_once(gateway_url, folder, tmp_path):
     seen = []
     for i in range(3):
