@@ -40,10 +40,13 @@ V2_MODEL = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def tfserving_models(tmp_path_factory):
-    """tfmobilenet/1 = the real SavedModel; tfmobilenet/2 = a tiny model that always says class 7."""
+    """tfmobilenet/1 = the real SavedModel; tfmobilenet/2 = a tiny model that always says class 7;
+    efficientnet_lite0/1 = the real SavedModel (gateway.yaml routes it to TF Serving too)."""
     models = tmp_path_factory.mktemp("tfserving_models")
     (models / "tfmobilenet").mkdir()
     os.symlink(ROOT / "tfserving/models/tfmobilenet/1", models / "tfmobilenet" / "1")
+    (models / "efficientnet_lite0").mkdir()
+    os.symlink(ROOT / "tfserving/models/efficientnet_lite0/1", models / "efficientnet_lite0" / "1")
     subprocess.run([sys.executable, "-c", V2_MODEL, str(models / "tfmobilenet" / "2")], check=True,
                    capture_output=True, timeout=180)
     return models
@@ -315,5 +318,6 @@ def test_tfserving_docker_launcher_waits_for_readiness_through_the_adapter(tfser
     config = load_config(ROOT / "gateway.yaml")
     docker_launcher.wait_ready("tfserving", config.with_backend("tfserving", url=url), timeout=30)
     down = config.with_backend("tfserving", url=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(RuntimeError, match=r"tfserving at .*: models \['tfmobilenet'\] not ready after 1 s"):
+    with pytest.raises(RuntimeError, match=r"tfserving at .*: models \['efficientnet_lite0', 'tfmobilenet'\] "
+                                           r"not ready after 1 s"):
         docker_launcher.wait_ready("tfserving", down, timeout=1)
