@@ -190,7 +190,8 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
         ["onnx/mobilenet_v2.onnx,", "model_repository/tfmobilenet/1/model.savedmodel,"], lines
     mob = manifest["models"]["mobilenet_v2"]
     assert (mob["torch_weights"], mob["weights"]) == ("imagenet", "imagenet")
-    assert mob["savedmodel"]["onnx_sha256"] == hashlib.sha256((root / "onnx/mobilenet_v2.onnx").read_bytes()).hexdigest()
+    new_onnx = (root / "onnx/mobilenet_v2.onnx").read_bytes()
+    assert mob["savedmodel"]["onnx_sha256"] == hashlib.sha256(new_onnx).hexdigest()
     assert not (root / "tfserving/models/tfmobilenet/1").is_symlink()  # a new SavedModel replaced the link
     x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():

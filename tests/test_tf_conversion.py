@@ -101,8 +101,9 @@ def test_a_fresh_conversion_writes_the_same_savedmodel(tmp_path, photos_nchw):
     import tensorflow as tf
 
     fresh = tmp_path / "efficientnet_lite0"
-    proc = subprocess.run([sys.executable, "-m", "gateway.export.onnx2tf_worker", str(ROOT / "onnx/efficientnet_lite0.onnx"),
-                           str(fresh), "--input-name", "images", "--output-name", "logits"],
+    proc = subprocess.run([sys.executable, "-m", "gateway.export.onnx2tf_worker",
+                           str(ROOT / "onnx/efficientnet_lite0.onnx"), str(fresh),
+                           "--input-name", "images", "--output-name", "logits"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     built = ROOT / "tfserving/models/efficientnet_lite0/1"
@@ -214,7 +215,8 @@ def tfserving_double():
     log_path = ROOT / "run/tests/tfserving_double_tf_conversion.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "tests/tfserving_double.py"), "--models-dir",
-                                 str(ROOT / "tfserving/models"), "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+                                 str(ROOT / "tfserving/models"), "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

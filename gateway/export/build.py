@@ -187,10 +187,12 @@ def _build(root: Path, weights: str, force: bool, log) -> dict:
                    softmax: bool) -> None:
         """The TF SavedModel converted from ``onnx_path``: rebuilt when missing or when the ONNX changed."""
         entry = models[name]
+        recorded = (entry.get("savedmodel") or {}).get("onnx_sha256")
         missing = force or not all(_exists(p) for p in targets)
-        changed = not missing and (entry.get("savedmodel") or {}).get("onnx_sha256") != tf_convert.sha256(onnx_path)
-        log(f"{'build' if missing or changed else 'keep '} {', '.join(rel(targets))}"
-            f"{f' ({onnx_path.name} changed)' if changed else '' if missing else ' (exists)'}")
+        changed = not missing and recorded != tf_convert.sha256(onnx_path)
+        why = " (exists)" if not (missing or changed) else "" if missing else \
+            f" ({onnx_path.name} changed)" if recorded else f" (not converted from {onnx_path.name})"
+        log(f"{'build' if missing or changed else 'keep '} {', '.join(rel(targets))}{why}")
         if missing or changed:
             entry.pop("savedmodel", None)
             save()
