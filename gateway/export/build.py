@@ -49,9 +49,7 @@ def register(subparsers) -> None:
     b.add_argument("--force", action="store_true", help="rebuild even if the artifacts exist")
     b.add_argument("--config", default="gateway.yaml", help="the repository is this file's folder")
     b.set_defaults(func=run)
-    from gateway.export import tf_convert
-
-    tf_convert.register(sub)
+    tf_convert.register(sub)  # `gateway models convert`
 
 
 def run(args) -> int:
