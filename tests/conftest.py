@@ -8,10 +8,16 @@ serve`` exactly as a user would, on a free loopback port, stopped at the end of 
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from gateway.config import GatewayConfig, load_config, parse_config
@@ -159,6 +165,61 @@ def torchserve_server():
     yield config
     launcher.stop(config)
     assert not launcher.status(config)["running"]
+
+
+V2_MODEL = textwrap.dedent("""
+    import sys, tensorflow as tf
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32, name="input_1")])
+        def serve(self, input_1):
+            n = tf.shape(input_1)[0]
+            logits = tf.one_hot(tf.fill([n], 7), 1000) * 10.0 + tf.reduce_mean(input_1) * 0.0
+            return {"predictions": tf.nn.softmax(logits)}
+    m = M()
+    tf.saved_model.save(m, sys.argv[1], signatures={"serving_default": m.serve})
+""")
+
+
+@pytest.fixture(scope="session")
+def tfserving_models(tmp_path_factory):
+    """tfmobilenet/1 = the real SavedModel; tfmobilenet/2 = a tiny model that always says class 7;
+    efficientnet_lite0/1 = the real SavedModel (gateway.yaml routes it to TF Serving too)."""
+    models = tmp_path_factory.mktemp("tfserving_models")
+    (models / "tfmobilenet").mkdir()
+    os.symlink(ROOT / "tfserving/models/tfmobilenet/1", models / "tfmobilenet" / "1")
+    (models / "efficientnet_lite0").mkdir()
+    os.symlink(ROOT / "tfserving/models/efficientnet_lite0/1", models / "efficientnet_lite0" / "1")
+    subprocess.run([sys.executable, "-c", V2_MODEL, str(models / "tfmobilenet" / "2")], check=True,
+                   capture_output=True, timeout=180)
+    return models
+
+
+@pytest.fixture(scope="session")
+def tfserving_double(tfserving_models):
+    """The TF Serving TEST DOUBLE (tests/tfserving_double.py: real SavedModels in real TensorFlow,
+    TF Serving's REST and gRPC shapes) on tfserving_models: (REST URL, gRPC port)."""
+    port, grpc_port = free_port(), free_port()
+    (ROOT / "run" / "tests").mkdir(parents=True, exist_ok=True)
+    log = open(ROOT / "run" / "tests" / "tfserving_double.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/tfserving_double.py"), "--models-dir",
+                             str(tfserving_models), "--port", str(port), "--grpc-port", str(grpc_port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"{url}/v1/models/tfmobilenet", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"TF Serving double did not start: {(ROOT / 'run/tests/tfserving_double.log').read_text()[-2000:]}")
+    yield url, grpc_port
+    proc.terminate()
+    proc.wait(10)
+    log.close()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,8 @@ def test_default_config_is_valid_and_complete():
     mobilenet = config.models["mobilenet_v2"]
     assert mobilenet.routes[0].backend == "embedded"
     tf_route = next(r for r in mobilenet.routes if r.name == "triton-tf")
-    assert tf_route.preprocess.layout == "NHWC" and tf_route.preprocess.scaling == "tf"
+    # the torch weights converted to TF: the model's own scaling, only in NHWC
+    assert tf_route.preprocess.layout == "NHWC" and tf_route.preprocess.scaling == mobilenet.preprocess.scaling
     assert tf_route.preprocess.size == (224, 224)  # inherited from the model
     assert tf_route.output == "probabilities"
     assert len(mobilenet.labels) == 1000 and mobilenet.labels[285] == "Egyptian cat"

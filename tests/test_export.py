@@ -71,7 +71,7 @@ def test_random_mobilenet_answers_depend_on_the_image(photo_batch):
 
 
 def test_savedmodel_has_the_seed_signature(tmp_path, chelsea_jpeg, coffee_jpeg):
-    spec = PreprocessSpec(scaling="tf", layout="NHWC")
+    spec = PreprocessSpec(layout="NHWC")  # the torch model's preprocessing: its weights, converted
     np.save(tmp_path / "x.npy", np.stack([preprocess_bytes(chelsea_jpeg, spec), preprocess_bytes(coffee_jpeg, spec)]))
     code = (
         "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'\n"
@@ -95,8 +95,8 @@ def test_savedmodel_has_the_seed_signature(tmp_path, chelsea_jpeg, coffee_jpeg):
     probs = np.array(tfserving["probs"])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(np.array(triton["probs"]), probs, atol=1e-6)  # same model in both layouts
-    keras_weights = json.loads((ROOT / "artifacts.json").read_text())["models"]["mobilenet_v2"]["keras_weights"]
-    if keras_weights == "random":  # calibrated: image-dependent answers, not a flat 0.001
+    weights = json.loads((ROOT / "artifacts.json").read_text())["models"]["mobilenet_v2"]["weights"]
+    if weights == "random":  # calibrated: image-dependent answers, not a flat 0.001
         assert probs.max() > 0.01 and probs[0].argmax() != probs[1].argmax()
 
 
@@ -158,17 +158,21 @@ def test_export_functions_on_a_tiny_model(tmp_path):
 
 def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_path, monkeypatch):
     """A rebuild without --force replaces random mobilenet_v2 weights when torchvision's file
-    is in torch.hub's cache (how a download that once succeeded looks offline)."""
+    is in torch.hub's cache (how a download that once succeeded looks offline), and the TF
+    twin follows: it is reconverted from the new ONNX file."""
     root = tmp_path / "repo"
     for rel in ("onnx/efficientnet_lite0.onnx", "model_repository/efficientnet_lite0/1/model.pt",
+                "model_repository/efficientnet_lite0_tf/1/model.savedmodel", "tfserving/models/efficientnet_lite0/1",
                 "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(ROOT / rel)
     for rel in ("onnx/mobilenet_v2.onnx", "model_repository/torchmobilenet/1/model.pt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, root / rel)
-    (root / "artifacts.json").write_text(json.dumps({"models": {"mobilenet_v2": {
-        "torch_weights": "random", "keras_weights": "random"}}}))
+    built = json.loads((ROOT / "artifacts.json").read_text())["models"]
+    (root / "artifacts.json").write_text(json.dumps({"models": {
+        "efficientnet_lite0": {"savedmodel": built["efficientnet_lite0"]["savedmodel"]},
+        "mobilenet_v2": {"torch_weights": "random", "savedmodel": built["mobilenet_v2"]["savedmodel"]}}}))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setattr(export_build, "_torchserve_archives", lambda *a: [])  # double: no .mar files here
@@ -183,9 +187,13 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
     torch.save(published.state_dict(), cached)
     lines.clear()
     manifest = build_models(root, log=lines.append)
-    assert [line.split()[1] for line in lines if line.startswith("build")] == ["onnx/mobilenet_v2.onnx,"], lines
+    assert [line.split()[1] for line in lines if line.startswith("build")] == \
+        ["onnx/mobilenet_v2.onnx,", "model_repository/tfmobilenet/1/model.savedmodel,"], lines
     mob = manifest["models"]["mobilenet_v2"]
-    assert (mob["torch_weights"], mob["keras_weights"], mob["weights"]) == ("imagenet", "random", "random")
+    assert (mob["torch_weights"], mob["weights"]) == ("imagenet", "imagenet")
+    new_onnx = (root / "onnx/mobilenet_v2.onnx").read_bytes()
+    assert mob["savedmodel"]["onnx_sha256"] == hashlib.sha256(new_onnx).hexdigest()
+    assert not (root / "tfserving/models/tfmobilenet/1").is_symlink()  # a new SavedModel replaced the link
     x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         expected = published(torch.from_numpy(x)).numpy()
@@ -204,11 +212,11 @@ def test_rebuild_is_a_noop_and_manifest_names_weights(capsys, monkeypatch):
     assert main(["models", "build", "--config", str(ROOT / "gateway.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not any(line.startswith("build") for line in lines), lines
-    assert sum(line.startswith("keep") for line in lines) == 3, lines
+    assert sum(line.startswith("keep") for line in lines) == 4, lines  # efficientnet and mobilenet: torch, TF
     assert {p: p.stat().st_mtime_ns for p in before} == before
     manifest = json.loads((ROOT / "artifacts.json").read_text())
     assert manifest["models"]["efficientnet_lite0"]["weights"] == "imagenet"
     mob = manifest["models"]["mobilenet_v2"]
-    assert mob["torch_weights"] in {"random", "imagenet"} and mob["keras_weights"] in {"random", "imagenet"}
-    assert mob["weights"] == ("imagenet" if mob["torch_weights"] == mob["keras_weights"] == "imagenet" else "random")
+    assert mob["torch_weights"] in {"random", "imagenet"} and "keras_weights" not in mob
+    assert mob["weights"] == mob["torch_weights"]  # the TF twin is converted from the torch model
     assert all((ROOT / f).exists() for entry in manifest["models"].values() for f in entry["files"])

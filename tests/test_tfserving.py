@@ -6,9 +6,6 @@ No tensorflow_model_server binary exists on this machine's package registries, s
 """
 import http.server
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 import time
 from dataclasses import replace
@@ -25,56 +22,6 @@ from gateway.service import Gateway
 from helpers import SAME_ENGINE_ATOL, SAME_WEIGHTS_ATOL, classify, preprocessed
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-V2_MODEL = textwrap.dedent("""
-    import sys, tensorflow as tf
-    class M(tf.Module):
-        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32, name="input_1")])
-        def serve(self, input_1):
-            n = tf.shape(input_1)[0]
-            logits = tf.one_hot(tf.fill([n], 7), 1000) * 10.0 + tf.reduce_mean(input_1) * 0.0
-            return {"predictions": tf.nn.softmax(logits)}
-    m = M()
-    tf.saved_model.save(m, sys.argv[1], signatures={"serving_default": m.serve})
-""")
-
-
-@pytest.fixture(scope="module")
-def tfserving_models(tmp_path_factory):
-    """tfmobilenet/1 = the real SavedModel; tfmobilenet/2 = a tiny model that always says class 7."""
-    models = tmp_path_factory.mktemp("tfserving_models")
-    (models / "tfmobilenet").mkdir()
-    os.symlink(ROOT / "tfserving/models/tfmobilenet/1", models / "tfmobilenet" / "1")
-    subprocess.run([sys.executable, "-c", V2_MODEL, str(models / "tfmobilenet" / "2")], check=True,
-                   capture_output=True, timeout=180)
-    return models
-
-
-@pytest.fixture(scope="module")
-def tfserving_double(tfserving_models):
-    port, grpc_port = free_port(), free_port()
-    (ROOT / "run" / "tests").mkdir(parents=True, exist_ok=True)
-    log = open(ROOT / "run" / "tests" / "tfserving_double.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/tfserving_double.py"), "--models-dir",
-                             str(tfserving_models), "--port", str(port), "--grpc-port", str(grpc_port)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if requests.get(f"{url}/v1/models/tfmobilenet", timeout=1).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.3)
-    else:
-        proc.kill()
-        pytest.fail(f"TF Serving double did not start: {(ROOT / 'run/tests/tfserving_double.log').read_text()[-2000:]}")
-    yield url, grpc_port
-    proc.terminate()
-    proc.wait(10)
-    log.close()
-
 
 @pytest.fixture(scope="module")
 def gateway(tfserving_double):
@@ -319,5 +266,6 @@ def test_tfserving_docker_launcher_waits_for_readiness_through_the_adapter(tfser
     config = load_config(ROOT / "gateway.yaml")
     docker_launcher.wait_ready("tfserving", config.with_backend("tfserving", url=url), timeout=30)
     down = config.with_backend("tfserving", url=f"http://127.0.0.1:{free_port()}")
-    with pytest.raises(RuntimeError, match=r"tfserving at .*: models \['tfmobilenet'\] not ready after 1 s"):
+    with pytest.raises(RuntimeError, match=r"tfserving at .*: models \['efficientnet_lite0', 'tfmobilenet'\] "
+                                           r"not ready after 1 s"):
         docker_launcher.wait_ready("tfserving", down, timeout=1)
