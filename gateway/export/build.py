@@ -8,6 +8,7 @@ Writes every artifact where its backend expects it (all gitignored) and a manife
     model_repository/torchmobilenet/1/model.pt                     Triton (TorchScript)
     model_repository/tfmobilenet/1/model.savedmodel/               Triton (TF SavedModel)
     tfserving/models/tfmobilenet/1/                                TF Serving
+    onnx/yolox_nano.onnx, model_repository/yolox_nano/1/model.onnx  detector, from models/yolox_nano/
     torchserve/model_store/{mobilenet,efficientnet_lite0}.mar      TorchServe (gateway.servers.torchserve)
 
 Idempotent: existing artifacts are kept unless --force, except that random mobilenet_v2
@@ -211,6 +212,12 @@ def _build(root: Path, weights: str, force: bool, log) -> dict:
 
         mob["keras_weights"] = tf_mobilenet.build_and_save(tf_paths, weights, log)
     finish_mobilenet()
+
+    # yolox_nano: the vendored COCO detector (models/yolox_nano/), checked and given a free batch axis
+    from gateway.export import yolox
+
+    models["yolox_nano"] = yolox.build(root, force, log)
+    save()
 
     archives = _torchserve_archives(root, force or rebuilt_torchscript, log)  # .mar files embed model.pt
     save()
