@@ -64,13 +64,13 @@ class DetectionSpec:
         return out
 
     @classmethod
-    def from_dict(cls, values: Mapping) -> "DetectionSpec":
+    def from_dict(cls, values: Mapping) -> DetectionSpec:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown detection setting")
         return cls(**values)
 
-    def with_overrides(self, values: Mapping[str, object]) -> "DetectionSpec":
+    def with_overrides(self, values: Mapping[str, object]) -> DetectionSpec:
         """This spec with a request's QUERY_FIELDS replaced; values may be query strings."""
         changes = {}
         for name, value in values.items():
@@ -101,13 +101,15 @@ def _parse(name: str, value):
 def _yolox_grid(height: int, width: int, strides: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Per anchor point its grid cell (x, y) and its stride, in the model's output order."""
     cells, steps = [], []
-    for stride in strides:
-        rows, cols = height // stride, width // stride
+    for step in strides:
+        rows, cols = height // step, width // step
         ys, xs = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
         cells.append(np.stack([xs.ravel(), ys.ravel()], axis=1))
-        steps.append(np.full((rows * cols, 1), stride))
-    grid, stride = np.concatenate(cells).astype(np.float32), np.concatenate(steps).astype(np.float32)
-    grid.flags.writeable = stride.flags.writeable = False
+        steps.append(np.full((rows * cols, 1), step))
+    grid = np.concatenate(cells).astype(np.float32)
+    stride = np.concatenate(steps).astype(np.float32)
+    grid.flags.writeable = False  # cached: shared by every call
+    stride.flags.writeable = False
     return grid, stride
 
 
@@ -154,7 +156,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float, max_detecti
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     order = np.argsort(-np.asarray(scores, dtype=np.float64).reshape(-1), kind="stable")
     limit = len(order) if max_detections is None else max_detections
-    keep = []
+    keep: list[int] = []
     while order.size and len(keep) < limit:
         best, order = order[0], order[1:]
         keep.append(best)
@@ -168,10 +170,10 @@ def class_aware_nms(boxes: np.ndarray, scores: np.ndarray, class_ids: np.ndarray
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     class_ids = np.asarray(class_ids).reshape(-1)
-    kept = [np.flatnonzero(class_ids == c)[nms(boxes[class_ids == c], scores[class_ids == c],
-                                               iou_threshold, max_detections)]
-            for c in np.unique(class_ids)]
-    kept = np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+    per_class = [np.flatnonzero(class_ids == c)[nms(boxes[class_ids == c], scores[class_ids == c],
+                                                    iou_threshold, max_detections)]
+                 for c in np.unique(class_ids)]
+    kept = np.concatenate(per_class) if per_class else np.zeros(0, dtype=np.int64)
     kept = kept[np.lexsort((kept, -scores[kept]))]  # best first, ties: lower index
     return kept if max_detections is None else kept[:max_detections]
 

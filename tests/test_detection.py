@@ -13,8 +13,16 @@ import pytest
 from PIL import Image
 
 from gateway.detect_cli import drawing_path, format_detections
-from gateway.detection import (DetectionSpec, class_aware_nms, decode_yolox, detections, iou, model_to_photo,
-                               nms, photo_to_model)
+from gateway.detection import (
+    DetectionSpec,
+    class_aware_nms,
+    decode_yolox,
+    detections,
+    iou,
+    model_to_photo,
+    nms,
+    photo_to_model,
+)
 from gateway.draw import class_colour, draw_detections
 from gateway.export import yolox
 from gateway.preprocess import PreprocessSpec, decode_image, preprocess_bytes, resize
@@ -276,7 +284,8 @@ def photo_jpegs():
     return {name: jpeg(Image.fromarray(getattr(data, name)()), None) for name in ("astronaut", "coffee", "chelsea")}
 
 
-def detect(session, jpegs: list[bytes], preprocess=YOLOX_PREPROCESS, spec=DetectionSpec()):
+def detect(session, jpegs: list[bytes], preprocess=YOLOX_PREPROCESS, spec=None):
+    spec = spec or DetectionSpec()
     sizes = [decode_image(j).size for j in jpegs]
     batch = np.stack([preprocess_bytes(j, preprocess) for j in jpegs])
     return detections(session.run(None, {"images": batch})[0], sizes, LABELS, preprocess, spec)

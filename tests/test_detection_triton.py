@@ -10,11 +10,10 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 from PIL import Image
+from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS
 
 from gateway.detection import DetectionSpec, detections, iou
 from gateway.preprocess import decode_image, preprocess_bytes
-
-from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ Writes every artifact where its backend expects it (all gitignored) and a manife
     model_repository/tfmobilenet/1/model.savedmodel/               Triton (TF SavedModel)
     tfserving/models/tfmobilenet/1/                                TF Serving
     onnx/yolox_nano.onnx, model_repository/yolox_nano/1/model.onnx  detector, from models/yolox_nano/
-    torchserve/model_store/{mobilenet,efficientnet_lite0}.mar      TorchServe (gateway.servers.torchserve)
+    torchserve/model_store/{mobilenet,efficientnet_lite0,yolox_nano}.mar  TorchServe (gateway.servers.torchserve)
 
 Idempotent: existing artifacts are kept unless --force, except that random mobilenet_v2
 weights are rebuilt when ImageNet weights are asked for and can now be had. Every file is

@@ -35,6 +35,7 @@ def sha256(path: Path) -> str:
 def free_batch(model):
     """The ONNX model with its batch axis made symbolic (a modified copy)."""
     import numpy as np
+
     import onnx
     from onnx import numpy_helper
 
