@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "gateway.export.build",   # models build
     "gateway.servers.cli",    # backends up|down|status
     "gateway.client",         # classify
+    "gateway.detect_cli",     # detect
     "gateway.bench",          # bench
     "gateway.batch",          # batch
     "gateway.evaluation",     # eval

@@ -194,8 +194,12 @@ def letterbox_geometry(image_size: tuple[int, int], spec: PreprocessSpec) -> tup
     (scale, left, top, scaled width, scaled height). Model-space x = left + scale * photo x."""
     width, height = image_size
     canvas_h, canvas_w = spec.size
-    scale = min(canvas_w / width, canvas_h / height)
-    new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
+    # integer arithmetic: int(width * (canvas_w / width)) is canvas_w - 1 for thousands of widths
+    # (416 / 23 * 23 == 415.99999999999994), which would leave a pad stripe on the fitted side
+    if canvas_w * height <= canvas_h * width:  # the width limits
+        scale, new_w, new_h = canvas_w / width, canvas_w, max(1, canvas_w * height // width)
+    else:
+        scale, new_w, new_h = canvas_h / height, max(1, canvas_h * width // height), canvas_h
     if spec.pad_position == "center":
         left, top = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
     else:

@@ -163,7 +163,8 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
     root = tmp_path / "repo"
     for rel in ("onnx/efficientnet_lite0.onnx", "model_repository/efficientnet_lite0/1/model.pt",
                 "model_repository/efficientnet_lite0_tf/1/model.savedmodel", "tfserving/models/efficientnet_lite0/1",
-                "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1"):
+                "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1",
+                "onnx/yolox_nano.onnx", "model_repository/yolox_nano/1/model.onnx"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(ROOT / rel)
     for rel in ("onnx/mobilenet_v2.onnx", "model_repository/torchmobilenet/1/model.pt"):
@@ -212,7 +213,7 @@ def test_rebuild_is_a_noop_and_manifest_names_weights(capsys, monkeypatch):
     assert main(["models", "build", "--config", str(ROOT / "gateway.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not any(line.startswith("build") for line in lines), lines
-    assert sum(line.startswith("keep") for line in lines) == 4, lines  # efficientnet and mobilenet: torch, TF
+    assert sum(line.startswith("keep") for line in lines) == 5, lines  # efficientnet, mobilenet: torch, TF; yolox
     assert {p: p.stat().st_mtime_ns for p in before} == before
     manifest = json.loads((ROOT / "artifacts.json").read_text())
     assert manifest["models"]["efficientnet_lite0"]["weights"] == "imagenet"

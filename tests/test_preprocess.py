@@ -193,3 +193,14 @@ def test_pixel_limit_and_absurd_dimensions_refused_before_decoding():
         decode_image(png_claiming(100_000, 100_000))
 
 
+def test_letterbox_fills_the_fitted_side_exactly():
+    """416 / 23 * 23 is 415.99999999999994 in floats: truncating it left a one-pixel pad stripe."""
+    from gateway.preprocess import letterbox_geometry
+
+    spec = PreprocessSpec(size=(416, 416), resize="letterbox")
+    for side in range(1, 3000):
+        assert letterbox_geometry((side, 1), spec)[3] == 416, side  # landscape: the width fills
+        assert letterbox_geometry((1, side), spec)[4] == 416, side  # portrait: the height fills
+    assert letterbox_geometry((23, 10), spec) == (416 / 23, 0, 0, 416, 180)
+    out = resize(Image.new("RGB", (23, 10), (255, 0, 0)), spec)
+    assert out[:180, :, 0].min() == 255  # no pad column on the right

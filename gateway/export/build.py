@@ -10,7 +10,8 @@ Writes every artifact where its backend expects it (all gitignored) and a manife
     tfserving/models/efficientnet_lite0/1/                         TF Serving (the same SavedModel)
     model_repository/tfmobilenet/1/model.savedmodel/               Triton (TF SavedModel, from the ONNX)
     tfserving/models/tfmobilenet/1/                                TF Serving (the same SavedModel)
-    torchserve/model_store/{mobilenet,efficientnet_lite0}.mar      TorchServe (gateway.servers.torchserve)
+    onnx/yolox_nano.onnx, model_repository/yolox_nano/1/model.onnx  detector, from models/yolox_nano/
+    torchserve/model_store/{mobilenet,efficientnet_lite0,yolox_nano}.mar  TorchServe (gateway.servers.torchserve)
 
 The TF SavedModels are the torch models' own weights: torch -> ONNX -> onnx2tf
 (gateway/export/tf_convert.py), each checked against ONNX Runtime on real photos.
@@ -236,6 +237,12 @@ def _build(root: Path, weights: str, force: bool, log, config) -> dict:
     save()
     # tfmobilenet: the same weights in the seed's signature, input_1 (NHWC) -> predictions (softmax)
     savedmodel("mobilenet_v2", mob_onnx, mob_tf, "input_1", "predictions", softmax=True)
+
+    # yolox_nano: the vendored COCO detector (models/yolox_nano/), checked and given a free batch axis
+    from gateway.export import yolox
+
+    models["yolox_nano"] = yolox.build(root, force, log)
+    save()
 
     archives = _torchserve_archives(root, config, force or rebuilt_torchscript, log)  # .mar files embed model.pt
     save()

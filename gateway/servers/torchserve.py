@@ -27,25 +27,30 @@ ARCHIVES = {
     "mobilenet": "model_repository/torchmobilenet/1/model.pt",
     "efficientnet_lite0": "model_repository/efficientnet_lite0/1/model.pt",
 }
+# archive name -> ONNX file run by onnxruntime in the worker (torchserve/onnx_handler.py): the
+# detectors, which the gateway preprocesses and decodes itself (no preprocessing ships with them)
+ONNX_ARCHIVES = {"yolox_nano": "onnx/yolox_nano.onnx"}
 
 
 def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def _archive_routes(config) -> dict:
-    """archive name -> the first route that serves it from a TorchServe backend (its preprocessing
-    is the spec the handler ships)."""
+def _archive_routes(config, archives) -> dict:
+    """archive name -> the first route that serves it from a TorchServe backend (a classifier's
+    preprocessing is the spec its handler ships)."""
     routes: dict = {}
     for m in config.models.values():
         for r in m.routes:
-            if config.backends[r.backend].kind == "torchserve" and r.backend_model in ARCHIVES:
+            if config.backends[r.backend].kind == "torchserve" and r.backend_model in archives:
                 routes.setdefault(r.backend_model, r)
     return routes
 
 
 def build_archives(config, force: bool = False, log=print) -> list[Path]:
-    """torch-model-archiver: TorchScript + handler + the gateway's preprocess.py + its spec.
+    """torch-model-archiver: TorchScript + handler + the gateway's preprocess.py + its spec for
+    the classifiers; the ONNX file + torchserve/onnx_handler.py for ONNX_ARCHIVES; each only
+    when a TorchServe route of the config serves it.
 
     Idempotent: an archive is rebuilt only when forced, missing, older than any file it
     packs, or when its route's preprocessing in the config changed.
@@ -54,7 +59,7 @@ def build_archives(config, force: bool = False, log=print) -> list[Path]:
     store = root / "torchserve" / "model_store"
     store.mkdir(parents=True, exist_ok=True)
     built = []
-    for name, route in _archive_routes(config).items():
+    for name, route in _archive_routes(config, ARCHIVES).items():
         target = store / f"{name}.mar"
         built.append(target)
         spec = json.dumps(route.preprocess.to_dict(), sort_keys=True)
@@ -67,30 +72,50 @@ def build_archives(config, force: bool = False, log=print) -> list[Path]:
             log(f"keep  {target.relative_to(root)} (exists)")
             continue
         log(f"build {target.relative_to(root)} ({why})")
-        # private staging: the archiver stages in $TMPDIR/<model name> (shared by concurrent
-        # builds) and writes the .mar in place; rename it in whole so no reader sees half of one
         with tempfile.TemporaryDirectory(dir=store, prefix=".build-") as tmp:
             spec_file = Path(tmp) / "preprocess.json"
             spec_file.write_text(spec)
-            extra = [inputs[1], spec_file, inputs[3]]
-            done = subprocess.run([
-                _bin("torch-model-archiver"), "--model-name", name, "--version", "1.0",
-                "--serialized-file", str(inputs[0]), "--handler", str(inputs[2]),
-                "--extra-files", ",".join(map(str, extra)), "--export-path", tmp, "--force",
-            ], capture_output=True, text=True, env={**os.environ, "TMPDIR": tmp})
-            if done.returncode != 0:
-                raise RuntimeError(f"torch-model-archiver failed for {name}: {done.stderr.strip()[-2000:]}")
-            os.replace(Path(tmp) / f"{name}.mar", target)
+            _archive(name, inputs[0], inputs[2], [inputs[1], spec_file, inputs[3]], target, Path(tmp))
+    for name in _archive_routes(config, ONNX_ARCHIVES):
+        target = store / f"{name}.mar"
+        built.append(target)
+        inputs = [root / ONNX_ARCHIVES[name], root / "torchserve" / "onnx_handler.py"]
+        if not inputs[0].is_file():
+            raise RuntimeError(f"{inputs[0]} is missing: build it first (`gateway models build`)")
+        why = "forced" if force else _stale(target, inputs)
+        if not why:
+            log(f"keep  {target.relative_to(root)} (exists)")
+            continue
+        log(f"build {target.relative_to(root)} ({why})")
+        with tempfile.TemporaryDirectory(dir=store, prefix=".build-") as tmp:
+            _archive(name, inputs[0], inputs[1], [], target, Path(tmp))
     return built
 
 
-def _stale(target: Path, inputs: list[Path], spec: str) -> str:
+def _archive(name: str, serialized: Path, handler: Path, extra: list[Path], target: Path, tmp: Path) -> None:
+    """torch-model-archiver in a private staging folder (it stages in $TMPDIR/<model name>,
+    shared by concurrent builds, and writes the .mar in place); the .mar is renamed in whole
+    so no reader sees half of one."""
+    command = [_bin("torch-model-archiver"), "--model-name", name, "--version", "1.0",
+               "--serialized-file", str(serialized), "--handler", str(handler),
+               "--export-path", str(tmp), "--force"]
+    if extra:
+        command += ["--extra-files", ",".join(map(str, extra))]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    if done.returncode != 0:
+        raise RuntimeError(f"torch-model-archiver failed for {name}: {done.stderr.strip()[-2000:]}")
+    os.replace(tmp / f"{name}.mar", target)
+
+
+def _stale(target: Path, inputs: list[Path], spec: str | None = None) -> str:
     """Why the archive must be rebuilt, or "" when it is up to date."""
     if not target.is_file():
         return "missing"
     newer = [p.name for p in inputs if p.stat().st_mtime > target.stat().st_mtime]
     if newer:
         return f"older than {', '.join(newer)}"
+    if spec is None:
+        return ""
     try:
         with zipfile.ZipFile(target) as mar:
             packed = json.dumps(json.loads(mar.read("preprocess.json")), sort_keys=True)
@@ -108,7 +133,8 @@ def _addresses(settings) -> tuple[str, str, str]:
 
 def _served(config, name: str) -> list[str]:
     """The archives the config routes to this backend."""
-    return sorted({r.backend_model for r in process.backend_routes(config, name) if r.backend_model in ARCHIVES})
+    return sorted({r.backend_model for r in process.backend_routes(config, name)
+                   if r.backend_model in ARCHIVES or r.backend_model in ONNX_ARCHIVES})
 
 
 def _key_file(config, name: str, run: Path) -> Path | None:
