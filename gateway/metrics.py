@@ -15,7 +15,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 REQUESTS = Counter("gateway_requests_total", "Model requests by the status they ended with",
-                   ["model", "backend", "status"])
+                   ["model", "backend", "status", "protocol"])
 IMAGES = Counter("gateway_images_total", "Images answered", ["model", "backend"])
 HTTP_RESPONSES = Counter("gateway_http_responses_total", "Every HTTP answer", ["method", "endpoint", "status"])
 ERRORS = Counter("gateway_errors_total", "Error responses by status and error code", ["status", "code"])

@@ -20,7 +20,7 @@ from gateway.backends.base import Backend
 from gateway.config import GatewayConfig, ModelConfig, Route, backend_class
 from gateway.errors import (BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable, BadRequest,
                             GatewayError, NotFound, all_routes_failed)
-from gateway.preprocess import ImageError, decode_image, preprocess_image
+from gateway.preprocess import ImageError, PreprocessSpec, decode_image, preprocess_image
 from gateway.routing import RouteHealth
 
 log = logging.getLogger("gateway")
@@ -48,6 +48,19 @@ class Classification(Answer):
             "results": [{"predictions": p} for p in self.results],
             "timings_ms": self.timings_ms,
         }
+
+
+def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
+    """A preprocessed (N, ...) batch in ``layout`` -> the layout and dtype ``spec`` says; a 400
+    naming the expected shape when the images do not have the spec's size and channels."""
+    height, width = spec.size
+    expected = (3, height, width) if layout == "NCHW" else (height, width, 3)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        raise BadRequest(f"expected a batch of shape [N, {', '.join(map(str, expected))}] ({layout}), "
+                         f"got {list(batch.shape)}", code="invalid_shape")
+    if layout != spec.layout:
+        batch = batch.transpose((0, 2, 3, 1) if layout == "NCHW" else (0, 3, 1, 2))
+    return np.ascontiguousarray(batch, dtype=np.dtype(spec.dtype))
 
 
 class Gateway:
@@ -135,9 +148,9 @@ class Gateway:
         return decoded
 
     def classify(self, model_name: str | None, images: list[bytes], top_k: int | None = None,
-                 route: str | None = None, backend: str | None = None) -> Classification:
+                 route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Classification:
         model = self.model(model_name)
-        with self.observed(model, count=len(images)) as outcome:
+        with self.observed(model, count=len(images), protocol=protocol) as outcome:
             k = top_k or self.config.server.default_top_k
             if not 1 <= k <= len(model.labels):
                 raise BadRequest(f"top_k must be between 1 and {len(model.labels)}, got {k}",
@@ -151,8 +164,37 @@ class Gateway:
             outcome["backend"] = answer.route.backend
             return Classification(**vars(answer))
 
+    def infer_images(self, model_name: str | None, images: list[bytes], route: str | None = None,
+                     backend: str | None = None, protocol: str = "rest") -> Answer:
+        """Encoded images -> the model's raw scores (N, classes) in the meaning the model
+        declares (``model.output``), preprocessed as each route needs."""
+        model = self.model(model_name)
+        with self.observed(model, count=len(images), protocol=protocol) as outcome:
+            started = time.perf_counter()
+            decoded = self.decode(images, model)
+            answer = self.run(model, self.routes(model, route, backend), forced=route is not None or backend is not None,
+                              started=started,
+                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
+                              finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
+            outcome["backend"] = answer.route.backend
+            return answer
+
+    def infer_tensor(self, model_name: str | None, batch: np.ndarray, layout: str | None = None,
+                     route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Answer:
+        """A batch already preprocessed as the model declares it (``model.preprocess``; ``layout``
+        may say NCHW/NHWC instead) -> the model's raw scores in the model's meaning. Each route
+        gets the layout and dtype its engine takes; the backends split batches above their limit."""
+        model = self.model(model_name)
+        layout = layout or model.preprocess.layout
+        with self.observed(model, count=len(batch), protocol=protocol) as outcome:
+            answer = self.run(model, self.routes(model, route, backend), forced=route is not None or backend is not None,
+                              prepare=lambda r: conform(batch, layout, r.preprocess),
+                              finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
+            outcome["backend"] = answer.route.backend
+            return answer
+
     @contextmanager
-    def observed(self, model: ModelConfig, count: int) -> Iterator[dict]:
+    def observed(self, model: ModelConfig, count: int, protocol: str = "rest") -> Iterator[dict]:
         """Count one request (and its images) under the status it ends with, whatever it is.
         The caller sets ``outcome["backend"]`` once a route answered."""
         started = time.perf_counter()
@@ -160,13 +202,13 @@ class Gateway:
         try:
             yield outcome
         except GatewayError as exc:
-            metrics.REQUESTS.labels(model.name, getattr(exc, "backend", "none"), str(exc.status)).inc()
+            metrics.REQUESTS.labels(model.name, getattr(exc, "backend", "none"), str(exc.status), protocol).inc()
             raise
         except Exception:
-            metrics.REQUESTS.labels(model.name, "none", "500").inc()
+            metrics.REQUESTS.labels(model.name, "none", "500", protocol).inc()
             raise
         backend = outcome["backend"]
-        metrics.REQUESTS.labels(model.name, backend, "200").inc()
+        metrics.REQUESTS.labels(model.name, backend, "200", protocol).inc()
         metrics.IMAGES.labels(model.name, backend).inc(count)
         metrics.LATENCY.labels(model.name, backend).observe(time.perf_counter() - started)
 

@@ -197,7 +197,7 @@ def test_health_readiness_and_metrics(api, chelsea_jpeg):
     classify(api, chelsea_jpeg)
     classify(api, b"junk")
     text = api.get("/metrics").text
-    assert 'gateway_requests_total{backend="embedded",model="efficientnet_lite0",status="200"}' in text
+    assert 'gateway_requests_total{backend="embedded",model="efficientnet_lite0",protocol="rest",status="200"}' in text
     assert "gateway_request_latency_seconds_bucket" in text
     assert 'gateway_errors_total{code="invalid_image",status="400"}' in text
 
@@ -232,6 +232,6 @@ def test_every_answer_is_counted_even_a_crash(make_api, chelsea_jpeg):
     assert "RuntimeError" in err["message"]
     api.get("/v1/nothing-here")
     text = api.get("/metrics").text
-    assert 'gateway_requests_total{backend="none",model="efficientnet_lite0",status="500"}' in text
+    assert 'gateway_requests_total{backend="none",model="efficientnet_lite0",protocol="rest",status="500"}' in text
     assert 'gateway_http_responses_total{endpoint="unmatched",method="GET",status="404"}' in text
     assert 'gateway_http_responses_total{endpoint="/v1/classify",method="POST",status="500"}' in text

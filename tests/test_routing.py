@@ -47,8 +47,10 @@ CONFIG = load_config(ROOT / "gateway.yaml")
 
 
 def scripted(**scripts) -> Gateway:
-    """The real pipeline on gateway.yaml with every backend replaced by a scripted double."""
-    backends = {name: ScriptedBackend(name, scripts.get(name, [0])) for name in CONFIG.backends}
+    """The real pipeline on gateway.yaml with every backend replaced by a scripted double
+    (a backend without a script is down)."""
+    backends = {name: ScriptedBackend(name, scripts.get(name, [BackendUnavailable(name, "down")]))
+                for name in CONFIG.backends}
     return Gateway(CONFIG, backends=backends, health=RouteHealth(base_backoff_s=1.0, max_backoff_s=8.0, clock=Clock()))
 
 
@@ -147,3 +149,31 @@ def test_readiness_answers_are_reused_briefly(monkeypatch):
     assert len(calls) == 1  # the second question was answered from the cache
     now[0] += service.READY_TTL_S + 0.01
     assert gateway.route_ready(route) and len(calls) == 2
+
+
+def test_a_tensor_reaches_each_route_in_its_engines_layout_and_meaning():
+    """infer_tensor: a batch in the model's declared layout goes out in each route's layout and
+    dtype; the answer comes back in the model's declared output meaning."""
+    from gateway.service import conform
+
+    seen = []
+
+    class Recording(ScriptedBackend):
+        def infer_batch(self, route, batch):
+            seen.append((route.name, batch.shape, batch.dtype))
+            return super().infer_batch(route, batch)
+
+    backends = {name: Recording(name, [BackendUnavailable(name, "down")]) for name in CONFIG.backends}
+    backends["triton"] = Recording("triton", [7])
+    gateway = Gateway(CONFIG, backends=backends)
+    x = np.zeros((2, 3, 224, 224), np.float64)  # NCHW as the model declares, float64 on purpose
+    answer = gateway.infer_tensor("mobilenet_v2", x, route="triton-tf")
+    assert seen == [("triton-tf", (2, 224, 224, 3), np.float32)]  # the TF route takes NHWC float32
+    assert answer.results.shape == (2, 1000)
+    # the route answers probabilities... but this double returns one-hot x10 scores: the model
+    # declares logits, so probabilities -> logits is log(p) (clipped at float32's smallest normal)
+    assert answer.results[0, 7] == np.float32(np.log(10.0))
+    nhwc = gateway.infer_tensor("mobilenet_v2", np.zeros((1, 224, 224, 3), np.float32), layout="NHWC", route="triton")
+    assert seen[-1] == ("triton", (1, 3, 224, 224), np.float32) and nhwc.results.shape == (1, 1000)
+    with pytest.raises(Exception, match=r"expected a batch of shape \[N, 3, 224, 224\] \(NCHW\), got \[2, 3, 100, 100\]"):
+        conform(np.zeros((2, 3, 100, 100), np.float32), "NCHW", CONFIG.models["mobilenet_v2"].preprocess)
