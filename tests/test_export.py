@@ -11,14 +11,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import ROOT
-from helpers import CAT, COFFEE
 from gateway.export import build as export_build
 from gateway.export import mobilenet_v2
 from gateway.export.build import build_models, export_onnx, export_torchscript, verify_exports
 from gateway.postprocess import softmax
 from gateway.preprocess import PreprocessSpec, preprocess_bytes
 
+from conftest import ROOT
+from helpers import CAT, COFFEE
 
 
 def onnx_logits(name: str, x: np.ndarray) -> np.ndarray:

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import encode, png_claiming
 from gateway.preprocess import ImageError, PreprocessSpec, decode_image, normalize, preprocess_bytes, resize
 
-
+from helpers import encode, png_claiming
 
 PIXELS = np.array([[[0, 128, 255], [10, 20, 30]]], dtype=np.uint8)  # 1x2 HWC
 
