@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test models bench bench-triton bench-torchserve clean
+.PHONY: setup serve test models bench bench-triton bench-torchserve lambda clean
 
 setup: $(STAMP) models
 
@@ -38,6 +38,10 @@ bench-triton: setup
 
 bench-torchserve: setup
 	$(BIN)/python benchmarks/torchserve_bench.py
+
+# AWS Lambda: build/lambda/gateway-lambda.zip and the container image's build context.
+lambda: setup
+	$(BIN)/gateway package lambda
 
 clean:
 	rm -rf run onnx artifacts.json model_repository/*/1 torchserve/model_store tfserving/models
