@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test lint models bench bench-triton bench-torchserve bench-detect clean
+.PHONY: setup serve test lint models bench bench-triton bench-torchserve bench-detect lambda clean
 
 setup: $(STAMP) models
 
@@ -51,6 +51,10 @@ bench-torchserve: setup
 
 bench-detect: setup
 	$(BIN)/gateway bench --model yolox_nano --routes embedded --concurrency 1,4 --out bench_results/detect
+
+# AWS Lambda: build/lambda/gateway-lambda.zip and the container image's build context.
+lambda: setup
+	$(BIN)/gateway package lambda
 
 clean:
 	rm -rf run onnx artifacts.json model_repository/*/1 torchserve/model_store tfserving/models
