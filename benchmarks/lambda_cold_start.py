@@ -23,10 +23,11 @@ import time
 import zipfile
 from pathlib import Path
 
+from gateway.serverless import package
+
 from common import ROOT
 from conftest import jpeg_bytes
 from lambda_events import Request, http_v2
-from gateway.serverless import package
 
 CHILD = """
 import time

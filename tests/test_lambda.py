@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from gateway.serverless import lambda_handler, package
+
 from lambda_events import KINDS, Request, response_body, response_headers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,18 +184,18 @@ def unzipped(bundle, tmp_path_factory) -> Path:
     return folder
 
 
-BARE_SERVE = """
+BARE_SERVE = f"""
 import json, os, sysconfig
 from gateway.serverless.lambda_handler import handler
 events = json.load(open(os.environ["EVENTS"]))
-answers = {name: handler(event, None) for name, event in events.items()}
+answers = {{name: handler(event, None) for name, event in events.items()}}
 stdlib, bundle = sysconfig.get_paths()["stdlib"], sys.path[0]
-outside = sorted({m.__name__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)
+outside = sorted({{m.__name__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)
                   and not m.__file__.startswith(bundle)
-                  and not (m.__file__.startswith(stdlib) and "site-packages" not in m.__file__)})
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in %r)
-print(json.dumps({"answers": answers, "outside": outside, "heavy": heavy, "path": sys.path}))
-""" % (HEAVY,)
+                  and not (m.__file__.startswith(stdlib) and "site-packages" not in m.__file__)}})
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r})
+print(json.dumps({{"answers": answers, "outside": outside, "heavy": heavy, "path": sys.path}}))
+"""
 
 
 def serve_bare(folder: Path, events: dict, tmp_path: Path, **env) -> dict:

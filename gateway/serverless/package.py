@@ -117,7 +117,7 @@ def _lambda_config():
 
 def routed_models(model_dir: Path | None = None) -> list[Path]:
     """The ONNX file of every embedded route in the Lambda config (each file once)."""
-    from gateway.config import backend_class
+    from gateway.backends.embedded import EmbeddedBackend
 
     config = _lambda_config()
     paths: list[Path] = []
@@ -126,7 +126,7 @@ def routed_models(model_dir: Path | None = None) -> list[Path]:
             settings = config.backends[route.backend]
             if settings.kind != "embedded":
                 continue
-            path = backend_class(settings.kind)(route.backend, settings).model_path(route)
+            path = EmbeddedBackend(route.backend, settings).model_path(route)
             if model_dir is not None:
                 path = model_dir / path.name
             if not path.is_file():
@@ -214,16 +214,16 @@ def run_bare(task_dir: Path, code: str, env: dict[str, str] | None = None, timeo
                           cwd=task_dir)
 
 
-SMOKE = """
+SMOKE = f"""
 import json
 from gateway.serverless.lambda_handler import handler
-event = {"version": "2.0", "rawPath": "/v1/models", "rawQueryString": "", "headers": {},
-         "requestContext": {"http": {"method": "GET", "path": "/v1/models", "protocol": "HTTP/1.1",
-                                     "sourceIp": "127.0.0.1"}}, "isBase64Encoded": False}
+event = {{"version": "2.0", "rawPath": "/v1/models", "rawQueryString": "", "headers": {{}},
+         "requestContext": {{"http": {{"method": "GET", "path": "/v1/models", "protocol": "HTTP/1.1",
+                                     "sourceIp": "127.0.0.1"}}}}, "isBase64Encoded": False}}
 answer = handler(event, None)
-heavy = sorted(m for m in sys.modules if m.split(".")[0] in %r)
-print(json.dumps({"status": answer["statusCode"], "body": json.loads(answer["body"]), "heavy": heavy}))
-""" % (FORBIDDEN,)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r})
+print(json.dumps({{"status": answer["statusCode"], "body": json.loads(answer["body"]), "heavy": heavy}}))
+"""
 
 
 def smoke_check(task_dir: Path, *, models_inside: bool = True) -> str:
