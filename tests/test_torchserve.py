@@ -21,7 +21,7 @@ from gateway.servers import torchserve as launcher
 from gateway.service import Gateway
 
 from conftest import ROOT, free_port, load_yaml_config
-from helpers import CAT_LABELS, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
+from helpers import CAT_LABELS, SAME_ENGINE_ATOL, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,8 @@ def test_torchserve_handler_uses_the_gateways_preprocessing(gateway, photos, tor
     answer = requests.post(f"{url}/predictions/efficientnet_lite0", data=photos[0], timeout=60).json()
     labels = gateway.config.models["efficientnet_lite0"].labels
     for label, score in answer.items():
-        assert score == pytest.approx(probs[labels.index(label)], abs=1e-5)
+        # the same pixels and weights; TorchServe may batch either request with others (kernels per batch size)
+        assert score == pytest.approx(probs[labels.index(label)], abs=SAME_ENGINE_ATOL)
 
 
 def test_torchserve_bad_input_gets_4xx_and_the_worker_keeps_serving(gateway, torchserve_server, photos):
