@@ -14,7 +14,7 @@ from pathlib import Path
 from conftest import ROOT, load_yaml_config
 
 
-def test_schemathesis_finds_no_failure_with_all_checks(start_gateway):
+def test_schemathesis_finds_no_failure_with_all_checks(start_gateway, tmp_path):
     config = load_yaml_config()
     config["backends"] = {"embedded": config["backends"]["embedded"]}
     for model in config["models"].values():
@@ -23,6 +23,7 @@ def test_schemathesis_finds_no_failure_with_all_checks(start_gateway):
     schemathesis = Path(sys.executable).parent / "schemathesis"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(ROOT / "tests")}
     run = subprocess.run([str(schemathesis), "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "10",
-                          "--seed", "1", "--no-color"], capture_output=True, text=True, env=env, timeout=600)
+                          "--seed", "1", "--no-color"], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=tmp_path)  # its cache folder (.schemathesis/) goes there, not into the repository
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout
