@@ -159,10 +159,12 @@ def _bar(total: int, enabled: bool):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("batch", help="classify a folder (or a list of paths) into a JSONL file")
-    p.add_argument("input", type=Path,
-                   help="folder of images (its files in name order, not sub-folders) or a text file of paths")
-    p.add_argument("--out", type=Path, required=True, help="JSON Lines output (appended to; resumable)")
-    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("input",
+                   help="folder of images (its files in name order, not sub-folders), a text file of paths, "
+                        "or with --ray an s3://bucket/prefix")
+    p.add_argument("--out", required=True,
+                   help="JSON Lines output (appended to; resumable); with --ray also s3://bucket/key.jsonl")
+    p.add_argument("--url", default=None, help=f"the gateway (default {DEFAULT_URL})")
     p.add_argument("--model", default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--top-k", type=int, default=None, dest="top_k")
@@ -170,19 +172,51 @@ def register(subparsers) -> None:
     p.add_argument("--shard", default=None, help="i/n: take every n-th file starting at i (0-based)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # stop after N (tests)
+    ray = p.add_argument_group("Ray Data (gateway/ray_batch.py): no gateway, ONNX Runtime in Ray actors")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run on Ray: a local one, or the cluster at ADDRESS (or RAY_ADDRESS)")
+    ray.add_argument("--config", default="gateway.yaml", help="models and preprocessing (default: gateway.yaml)")
+    ray.add_argument("--s3-endpoint", default=None, dest="s3_endpoint",
+                     help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
+    ray.add_argument("--actors", type=int, default=None, help="inference actors (default: from the cluster's CPUs)")
+    ray.add_argument("--batch-size", type=int, default=16, dest="batch_size", help="images per inference call")
     p.set_defaults(func=batch_command)
 
 
 def batch_command(args) -> int:
-    if not args.input.exists():
-        print(f"gateway batch: {args.input} does not exist", file=sys.stderr)
+    if args.ray is not None:
+        return ray_batch_command(args)
+    if args.input.startswith("s3://") or args.out.startswith("s3://"):
+        print("gateway batch: s3:// locations need --ray", file=sys.stderr)
+        return 2
+    source = Path(args.input)
+    if not source.exists():
+        print(f"gateway batch: {source} does not exist", file=sys.stderr)
         return 2
     try:
-        stats = run_batch(args.input, args.out, url=args.url, model=args.model, backend=args.backend,
-                          top_k=args.top_k, concurrency=args.concurrency, shard_spec=args.shard,
-                          progress=not args.no_progress, limit=args.limit,
+        stats = run_batch(source, Path(args.out), url=args.url or DEFAULT_URL, model=args.model,
+                          backend=args.backend, top_k=args.top_k, concurrency=args.concurrency,
+                          shard_spec=args.shard, progress=not args.no_progress, limit=args.limit,
                           log=lambda m: print(m, file=sys.stderr))
     except ValueError as exc:
+        print(f"gateway batch: {exc}", file=sys.stderr)
+        return 2
+    return 1 if "aborted" in stats else 0
+
+
+def ray_batch_command(args) -> int:
+    from gateway.ray_batch import run_ray_batch
+
+    if args.url:
+        print("gateway batch: --ray runs the model in Ray actors, without a gateway; drop --url", file=sys.stderr)
+        return 2
+    try:
+        stats = run_ray_batch(args.input, args.out, address=args.ray or None, config_path=args.config,
+                              model=args.model, backend=args.backend, top_k=args.top_k, actors=args.actors,
+                              batch_size=args.batch_size, s3_endpoint=args.s3_endpoint, shard_spec=args.shard,
+                              progress=not args.no_progress, limit=args.limit,
+                              log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, OSError) as exc:  # bad config or location, unreachable store
         print(f"gateway batch: {exc}", file=sys.stderr)
         return 2
     return 1 if "aborted" in stats else 0
