@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import metrics
@@ -14,6 +14,10 @@ from gateway.errors import GatewayError
 from gateway.service import Gateway
 
 log = logging.getLogger("gateway")
+# A refused body is read and discarded up to this many times the limit before the 413 goes out:
+# clients that write the whole body before reading (urllib, many small ones) otherwise get
+# "Broken pipe" instead of the answer. Beyond it the connection is closed unread.
+DRAIN_FACTOR = 4
 
 
 def create_app(config: GatewayConfig | None = None) -> Flask:
@@ -30,6 +34,20 @@ def create_app(config: GatewayConfig | None = None) -> Flask:
     auth.install(app)
     register_error_handlers(app)
     return app
+
+
+def drain_body(environ: dict, bound: int, chunk: int = 1 << 16) -> bool:
+    """Read and drop the rest of the request body; False when it is longer than ``bound``."""
+    length = environ.get("CONTENT_LENGTH")
+    if length and length.isdigit() and int(length) > bound:
+        return False
+    stream, left = environ["wsgi.input"], bound
+    while left > 0:
+        data = stream.read(min(chunk, left))
+        if not data:
+            return True
+        left -= len(data)
+    return not stream.read(1)
 
 
 def _error(status: int, code: str, message: str, extra: dict | None = None):
@@ -50,12 +68,17 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc):
         limit = app.config["MAX_CONTENT_LENGTH"]
-        return _error(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
+        drained = drain_body(request.environ, DRAIN_FACTOR * limit)
+        body, status = _error(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
+        return body, status, {} if drained else {"Connection": "close"}
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        return _error(exc.code or 500, code, exc.description or exc.name)
+        body, status = _error(exc.code or 500, code, exc.description or exc.name)
+        # e.g. 405's Allow, which RFC 9110 requires; the exception's own Content-Type is HTML's
+        extra = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return body, status, extra
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):

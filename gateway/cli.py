@@ -12,6 +12,7 @@ COMMAND_MODULES = (
     "gateway.client",         # classify
     "gateway.bench",          # bench
     "gateway.batch",          # batch
+    "gateway.evaluation",     # eval
 )
 
 

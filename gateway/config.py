@@ -72,6 +72,7 @@ class ModelSettings:
     preprocess: PreprocessSpec
     output: str
     routes: tuple[Route, ...]
+    preprocess_source: str = ""  # where the training preprocessing is written (documentation)
 
 
 @dataclass(frozen=True)
@@ -165,24 +166,23 @@ def _backend(name: str, data: dict) -> BackendSettings:
     )
 
 
+PREPROCESS_KEYS = {"size", "resize", "crop_ratio", "interpolation", "pad_value", "pad_position", "channels",
+                   "scaling", "layout", "dtype", "mean", "std", "source"}
+
+
 def _preprocess(data: dict, where: str, base: PreprocessSpec | None = None) -> PreprocessSpec:
-    _check_keys(data, {"size", "resize", "crop_ratio", "scaling", "layout", "dtype", "mean", "std"}, where)
+    """``source`` is documentation only: where the model's training preprocessing is written."""
+    _check_keys(data, PREPROCESS_KEYS, where)
     values = base.to_dict() if base else {}
-    values.update(data)
+    values.update({k: v for k, v in data.items() if k != "source"})
     try:
         size = values.get("size", [224, 224])
         if isinstance(size, int):
             size = [size, size]
-        return PreprocessSpec(
-            size=tuple(int(s) for s in size),
-            resize=values.get("resize", "stretch"),
-            crop_ratio=float(values.get("crop_ratio", 0.875)),
-            scaling=values.get("scaling", "imagenet"),
-            layout=values.get("layout", "NCHW"),
-            dtype=values.get("dtype", "float32"),
-            mean=tuple(values["mean"]) if values.get("mean") else None,
-            std=tuple(values["std"]) if values.get("std") else None,
-        )
+        values["size"] = [int(s) for s in size]
+        if "crop_ratio" in values:
+            values["crop_ratio"] = float(values["crop_ratio"])
+        return PreprocessSpec.from_dict(values)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}.{exc}") from None
 
@@ -247,6 +247,7 @@ def _model(name: str, data: dict, backends: dict, root: Path, server: ServerSett
         name=name, labels=labels, labels_source=source,
         weights=_weights(data.get("weights", "auto"), name, root, server.artifacts),
         preprocess=spec, output=output, routes=tuple(routes),
+        preprocess_source=str(_mapping(data.get("preprocess"), where).get("source", "")),
     )
 
 

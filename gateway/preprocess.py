@@ -7,6 +7,7 @@ depends only on numpy and Pillow so that TorchServe's handler can ship it inside
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,10 +21,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 SCALINGS = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),  # torchvision convention
     "tf": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # Keras MobileNetV2: x/127.5 - 1
+    # (x - 127) / 128: TF EfficientNet-Lite (MEAN_RGB 127, STDDEV_RGB 128 in tensorflow/tpu
+    # models/official/efficientnet/lite/efficientnet_lite_builder.py)
+    "efficientnet_lite": ((127 / 255,) * 3, (128 / 255,) * 3),
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # x/255
     "raw": ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255)),  # 0..255 unchanged
 }
-RESIZES = ("stretch", "center_crop")
+# stretch: to size, ignoring the aspect ratio; center_crop: shorter side to size/crop_ratio,
+# then the centre; letterbox: the whole photo scaled to fit, padded (detectors)
+RESIZES = ("stretch", "center_crop", "letterbox")
+INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+PAD_POSITIONS = ("top_left", "center")
+CHANNEL_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW", "NHWC")
 DTYPES = ("float32", "float16", "uint8")
 
@@ -39,8 +48,12 @@ class PreprocessSpec:
     """How one model wants its input tensor built."""
 
     size: tuple[int, int] = (224, 224)  # (height, width)
-    resize: str = "stretch"  # stretch to size, or resize shorter side then center crop
+    resize: str = "stretch"  # one of RESIZES
     crop_ratio: float = 0.875  # center_crop only: size / resized shorter side
+    interpolation: str = "bilinear"
+    pad_value: int = 114  # letterbox only: the canvas colour (0..255, every channel)
+    pad_position: str = "top_left"  # letterbox only: where the scaled photo sits on the canvas
+    channels: str = "RGB"  # channel order the model was trained with
     scaling: str = "imagenet"
     layout: str = "NCHW"
     dtype: str = "float32"
@@ -51,6 +64,9 @@ class PreprocessSpec:
     def __post_init__(self):
         for name, value, allowed in (
             ("resize", self.resize, RESIZES),
+            ("interpolation", self.interpolation, INTERPOLATIONS),
+            ("pad_position", self.pad_position, PAD_POSITIONS),
+            ("channels", self.channels, CHANNEL_ORDERS),
             ("scaling", self.scaling, SCALINGS),
             ("layout", self.layout, LAYOUTS),
             ("dtype", self.dtype, DTYPES),
@@ -61,6 +77,8 @@ class PreprocessSpec:
             raise ValueError(f"size: {list(self.size)!r} must be [height, width] within 1..4096")
         if not 0.1 <= self.crop_ratio <= 1.0:
             raise ValueError(f"crop_ratio: {self.crop_ratio} must be within 0.1..1.0")
+        if not 0 <= self.pad_value <= 255:
+            raise ValueError(f"pad_value: {self.pad_value} must be within 0..255")
         mean, std = SCALINGS[self.scaling]
         mean = self.mean if self.mean is not None else mean
         std = self.std if self.std is not None else std
@@ -72,12 +90,34 @@ class PreprocessSpec:
         object.__setattr__(self, "_affine", (scale, offset))
 
     def to_dict(self) -> dict:
-        return {
-            "size": list(self.size), "resize": self.resize, "crop_ratio": self.crop_ratio,
-            "scaling": self.scaling, "layout": self.layout, "dtype": self.dtype,
-            **({"mean": list(self.mean)} if self.mean else {}),
-            **({"std": list(self.std)} if self.std else {}),
-        }
+        out = {"size": list(self.size), "resize": self.resize}
+        if self.resize == "center_crop":
+            out["crop_ratio"] = self.crop_ratio
+        out["interpolation"] = self.interpolation
+        if self.resize == "letterbox":
+            out.update(pad_value=self.pad_value, pad_position=self.pad_position)
+        out.update(channels=self.channels, scaling=self.scaling, layout=self.layout, dtype=self.dtype)
+        if self.mean:
+            out["mean"] = list(self.mean)
+        if self.std:
+            out["std"] = list(self.std)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PreprocessSpec":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+    def decode_size(self) -> tuple[int, int]:
+        """(width, height) the decoded photo needs so that resizing only ever shrinks it:
+        JPEG draft mode may decode at 1/2, 1/4, 1/8 scale down to this, never below."""
+        height, width = self.size
+        if self.resize == "center_crop":
+            side = math.ceil(min(height, width) / self.crop_ratio)
+            return max(width, side), max(height, side)
+        if self.resize == "letterbox":
+            side = max(height, width)
+            return side, side
+        return width, height
 
 
 def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size=None) -> Image.Image:
@@ -140,19 +180,40 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def resize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Resize (and crop) an RGB image to the spec's size; returns uint8 HWC."""
-    height, width = spec.size
-    if spec.resize == "stretch":
-        out = img.resize((width, height), Image.BILINEAR, reducing_gap=3.0)
+def letterbox_geometry(image_size: tuple[int, int], spec: PreprocessSpec) -> tuple[float, int, int, int, int]:
+    """Where a (width, height) photo lands on the letterbox canvas:
+    (scale, left, top, scaled width, scaled height). Model-space x = left + scale * photo x."""
+    width, height = image_size
+    canvas_h, canvas_w = spec.size
+    scale = min(canvas_w / width, canvas_h / height)
+    new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
+    if spec.pad_position == "center":
+        left, top = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
     else:
+        left, top = 0, 0
+    return scale, left, top, new_w, new_h
+
+
+def resize(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Resize (and crop or pad) an RGB image to the spec's size; returns uint8 HWC in the
+    spec's channel order."""
+    height, width = spec.size
+    method = INTERPOLATIONS[spec.interpolation]
+    if spec.resize == "stretch":
+        out = img.resize((width, height), method, reducing_gap=3.0)
+    elif spec.resize == "center_crop":
         short = min(height, width) / spec.crop_ratio
         scale = short / min(img.size)
         rw, rh = max(width, round(img.size[0] * scale)), max(height, round(img.size[1] * scale))
-        out = img.resize((rw, rh), Image.BILINEAR, reducing_gap=3.0)
+        out = img.resize((rw, rh), method, reducing_gap=3.0)
         left, top = (rw - width) // 2, (rh - height) // 2
         out = out.crop((left, top, left + width, top + height))
-    return np.asarray(out, dtype=np.uint8)
+    else:
+        _, left, top, new_w, new_h = letterbox_geometry(img.size, spec)
+        out = Image.new("RGB", (width, height), (spec.pad_value,) * 3)
+        out.paste(img.resize((new_w, new_h), method, reducing_gap=3.0), (left, top))
+    pixels = np.asarray(out, dtype=np.uint8)
+    return pixels[..., ::-1] if spec.channels == "BGR" else pixels
 
 
 def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
@@ -182,5 +243,4 @@ def preprocess_image(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 def preprocess_bytes(data: bytes, spec: PreprocessSpec, max_pixels: int = 40_000_000) -> np.ndarray:
     """Encoded image bytes -> one model input, decoding large JPEGs in draft mode."""
-    draft = (spec.size[1], spec.size[0])
-    return preprocess_image(decode_image(data, max_pixels, draft_size=draft), spec)
+    return preprocess_image(decode_image(data, max_pixels, draft_size=spec.decode_size()), spec)

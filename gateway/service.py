@@ -104,18 +104,18 @@ class Gateway:
 
     # -- the pipeline ----------------------------------------------------------------------
     def decode(self, images: list[bytes], model: ModelSettings):
-        """Decode every image once (JPEG draft mode sized for the largest route input)."""
+        """Decode every image once (JPEG draft mode sized for the most demanding route)."""
         if not images:
             raise BadRequest("the request holds no image", code="no_image")
         if len(images) > self.config.server.max_images:
             raise BadRequest(f"{len(images)} images in one request; the limit is "
                              f"{self.config.server.max_images}", code="too_many_images")
-        height = max(r.preprocess.size[0] for r in model.routes)
-        width = max(r.preprocess.size[1] for r in model.routes)
+        sizes = [r.preprocess.decode_size() for r in model.routes]
+        draft = (max(w for w, _ in sizes), max(h for _, h in sizes))
         decoded = []
         for i, data in enumerate(images):
             try:
-                decoded.append(decode_image(data, self.config.server.max_pixels, draft_size=(width, height)))
+                decoded.append(decode_image(data, self.config.server.max_pixels, draft_size=draft))
             except ImageError as exc:
                 where = f"image {i}: " if len(images) > 1 else ""
                 raise BadRequest(f"{where}{exc}", code="invalid_image") from None

@@ -76,6 +76,35 @@ def start_gateway():
 
 
 @pytest.fixture(scope="session")
+def triton_server():
+    """The real tritonserver on gateway.yaml's ports, started once; one already started by
+    `gateway backends up` is reused and kept. A test that stops it starts it again."""
+    from gateway.config import load_config
+    from gateway.servers import triton as launcher
+
+    config = load_config(ROOT / "gateway.yaml")
+    was_running = launcher.status(config)["running"]
+    launcher.start(config, timeout=300)
+    yield config
+    if not was_running:
+        launcher.stop(config)
+        assert not launcher.status(config)["running"]
+
+
+@pytest.fixture(scope="session")
+def torchserve_server():
+    """The real TorchServe on gateway.yaml's ports, started once and stopped at the end."""
+    from gateway.config import load_config
+    from gateway.servers import torchserve as launcher
+
+    config = load_config(ROOT / "gateway.yaml")
+    launcher.start(config, timeout=300)
+    yield config
+    launcher.stop(config)
+    assert not launcher.status(config)["running"]
+
+
+@pytest.fixture(scope="session")
 def gateway_url(start_gateway) -> str:
     """The gateway on the default gateway.yaml (embedded backend first), 2 workers like `make serve`."""
     return start_gateway(ROOT / "gateway.yaml", workers=2)

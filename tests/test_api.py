@@ -166,6 +166,27 @@ def test_oversized_body_and_absurd_dimensions(start_gateway, chelsea_jpeg):
     assert classify(url, chelsea_jpeg).status_code == 200
 
 
+def test_clients_that_send_the_whole_body_first_read_the_413(start_gateway):
+    """urllib writes the whole body before reading the answer: with a body larger than the
+    socket buffers, a server that answers 413 and closes unread leaves it with "Broken pipe".
+    The gateway drains bodies up to a few times the limit before answering."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    config = load_yaml_config()
+    config["server"]["max_body_bytes"] = 5_000_000
+    url = start_gateway(config)
+    for size in (6_000_000, 19_000_000):  # beyond loopback's socket buffers, within the drain bound (4x)
+        req = urllib.request.Request(url + "/v1/classify", data=b"\xff" * size, method="POST",
+                                     headers={"Content-Type": "application/octet-stream"})
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(req, timeout=60)
+        assert answer.value.code == 413
+        assert json.loads(answer.value.read())["error"]["code"] == "payload_too_large"
+    assert requests.get(url + "/healthz", timeout=10).ok
+
+
 def test_backend_fault_answers_503_naming_the_backend(start_gateway, chelsea_jpeg, tmp_path):
     config = load_yaml_config()
     config["backends"]["embedded"]["model_dir"] = str(tmp_path)  # no model files there

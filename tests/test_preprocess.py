@@ -65,8 +65,57 @@ def test_stretch_and_center_crop_geometry():
     assert stretched[:, 0, 0].min() > 200
 
 
+def test_efficientnet_lite_scaling_is_x_minus_127_over_128():
+    out = normalize(PIXELS, PreprocessSpec(size=(1, 2), scaling="efficientnet_lite", layout="NHWC"))
+    # float32 x * scale + offset against exact float64 arithmetic: two IEEE roundings of values
+    # below 2 in magnitude, identical on every x86-64 CPU (elementwise numpy ops, no reductions)
+    np.testing.assert_allclose(out, (PIXELS - 127.0) / 128.0, atol=1e-6)
+
+
+def test_bgr_channel_order_reverses_the_channels():
+    img = Image.new("RGB", (4, 2), (10, 20, 30))
+    assert resize(img, PreprocessSpec(size=(2, 4), channels="BGR"))[0, 0].tolist() == [30, 20, 10]
+    assert resize(img, PreprocessSpec(size=(2, 4)))[0, 0].tolist() == [10, 20, 30]
+
+
+def test_interpolation_is_applied():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    outs = {m: resize(img, PreprocessSpec(size=(20, 20), interpolation=m)) for m in ("nearest", "bilinear", "bicubic")}
+    assert not np.array_equal(outs["bilinear"], outs["bicubic"])
+    assert not np.array_equal(outs["nearest"], outs["bilinear"])
+
+
+@pytest.mark.parametrize("size,position,expected", [
+    ((400, 200), "top_left", (0.5, 0, 0, 200, 100)),      # landscape: pad below
+    ((100, 400), "top_left", (0.5, 0, 0, 50, 200)),       # portrait: pad right
+    ((400, 200), "center", (0.5, 0, 50, 200, 100)),
+    ((10, 5), "top_left", (20.0, 0, 0, 200, 100)),        # tiny photos are scaled up
+])
+def test_letterbox_geometry(size, position, expected):
+    spec = PreprocessSpec(size=(200, 200), resize="letterbox", pad_position=position)
+    from gateway.preprocess import letterbox_geometry
+
+    assert letterbox_geometry(size, spec) == expected
+
+
+def test_letterbox_pads_with_the_pad_value():
+    img = Image.new("RGB", (400, 200), (255, 0, 0))
+    out = resize(img, PreprocessSpec(size=(200, 200), resize="letterbox", pad_value=114))
+    assert out.shape == (200, 200, 3)
+    assert out[:100, :, 0].min() == 255 and out[100:, :, :].tolist() == [[[114] * 3] * 200] * 100
+
+
+def test_decode_size_never_makes_resizing_enlarge():
+    assert PreprocessSpec(size=(224, 224)).decode_size() == (224, 224)
+    assert PreprocessSpec(size=(224, 224), resize="center_crop", crop_ratio=0.875).decode_size() == (256, 256)
+    assert PreprocessSpec(size=(416, 416), resize="letterbox").decode_size() == (416, 416)
+
+
 @pytest.mark.parametrize("spec", [dict(layout="NWHC"), dict(scaling="caffe"), dict(size=(0, 3)),
-                                  dict(dtype="int8"), dict(resize="zoom"), dict(crop_ratio=2.0)])
+                                  dict(dtype="int8"), dict(resize="zoom"), dict(crop_ratio=2.0),
+                                  dict(interpolation="lanczos9"), dict(channels="GBR"), dict(pad_value=300),
+                                  dict(pad_position="bottom")])
 def test_invalid_spec_is_refused(spec):
     with pytest.raises(ValueError):
         PreprocessSpec(**spec)

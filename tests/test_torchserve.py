@@ -25,15 +25,6 @@ CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
 
 
 @pytest.fixture(scope="module")
-def torchserve_server():
-    config = load_config(ROOT / "gateway.yaml")
-    launcher.start(config, timeout=300)
-    yield config
-    launcher.stop(config)
-    assert not launcher.status(config)["running"]
-
-
-@pytest.fixture(scope="module")
 def gateway(torchserve_server):
     gw = Gateway(torchserve_server)
     gw.load()
@@ -218,3 +209,4 @@ def test_torchserve_stopped_answers_503_naming_it(torchserve_server, start_gatew
     assert forced.json()["error"]["backend"] == "torchserve" and "torchserve" in forced.json()["error"]["message"]
     failover = classify(url, chelsea_jpeg, "efficientnet_lite0", None)
     assert failover.status_code == 200 and failover.json()["backend"] == "embedded"
+    launcher.start(torchserve_server, timeout=300)  # the session's server, back for later tests

@@ -24,18 +24,6 @@ from gateway.service import Gateway
 CAT, COFFEE = {281, 282, 285}, {967, 968, 504}
 
 
-@pytest.fixture(scope="session")
-def triton_server():
-    """The real tritonserver on gateway.yaml's ports; one already started by `backends up` is reused and kept."""
-    config = load_config(ROOT / "gateway.yaml")
-    was_running = launcher.status(config)["running"]
-    launcher.start(config, timeout=300)
-    yield config
-    if not was_running:
-        launcher.stop(config)
-        assert not launcher.status(config)["running"]
-
-
 @pytest.fixture(scope="module")
 def gateway(triton_server):
     gw = Gateway(triton_server)

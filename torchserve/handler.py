@@ -35,7 +35,7 @@ class GatewayImageClassifier(BaseHandler):
         model_dir = context.system_properties.get("model_dir")
         with open(os.path.join(model_dir, "preprocess.json")) as f:
             spec = json.load(f)
-        self.spec = PreprocessSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})
+        self.spec = PreprocessSpec.from_dict(spec)
         self.labels = [self.mapping[str(i)] for i in range(len(self.mapping))]
 
     def _tensor(self, body: bytes):

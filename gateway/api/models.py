@@ -27,7 +27,7 @@ def describe(gateway, model, with_metadata: bool = False) -> dict:
     return {
         "name": model.name, "weights": model.weights, "labels": len(model.labels),
         "labels_source": model.labels_source, "output": model.output,
-        "preprocess": model.preprocess.to_dict(),
+        "preprocess": model.preprocess.to_dict(), "preprocess_source": model.preprocess_source,
         "default": model.name == gateway.config.server.default_model,
         "ready": any(r["ready"] for r in routes), "routes": routes,
     }

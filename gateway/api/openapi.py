@@ -34,12 +34,19 @@ def _error_responses(*statuses: int) -> dict:
         "schema": {"$ref": "#/components/schemas/Error"}}}} for s in statuses}
 
 
+def _route_choices(models) -> list[str]:
+    """What ?backend= accepts: a route name or the name of a backend a route uses."""
+    return sorted({name for m in models for r in m.routes for name in (r.name, r.backend)})
+
+
 def _classify_operation(config, with_model: bool) -> dict:
+    models = config.models.values() if with_model else [config.models[config.server.default_model]]
     params = [
         {"name": "top_k", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": config.server.default_top_k}},
         {"name": "backend", "in": "query", "required": False,
-         "description": "force one route (route or backend name)", "schema": {"type": "string"}},
+         "description": "force one route (route or backend name); a name the model has no route for is a 404",
+         "schema": {"type": "string", "enum": _route_choices(models)}},
     ]
     if with_model:
         params.insert(0, {"name": "model", "in": "path", "required": True,
@@ -50,11 +57,18 @@ def _classify_operation(config, with_model: bool) -> dict:
         "parameters": params,
         "requestBody": {"required": True, "content": {
             "image/jpeg": binary, "image/png": binary, "application/octet-stream": binary,
-            "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                "image": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
-            "application/json": {"schema": {"type": "object", "additionalProperties": False, "properties": {
-                "image": {"type": "string", "description": "base64 (or a data: URL)"},
-                "images": {"type": "array", "items": {"type": "string"}}}}},
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"], "additionalProperties": False,
+                "properties": {"image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                                         "description": f"one file per image, at most {config.server.max_images}"}}}},
+            "application/json": {"schema": {"oneOf": [
+                {"type": "object", "required": ["image"], "additionalProperties": False, "properties": {
+                    "image": {"type": "string", "format": "byte", "minLength": 4,
+                              "description": "base64 (a data: URL is accepted too)"}}},
+                {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
+                    "images": {"type": "array", "minItems": 1, "maxItems": config.server.max_images, "items": {
+                    "type": "string", "format": "byte", "minLength": 4}}}},
+            ]}},
         }},
         "responses": {
             "200": {"description": "top-k per image, in request order", "content": {"application/json": {
