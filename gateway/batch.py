@@ -33,9 +33,14 @@ def list_inputs(source: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
         return sorted((p for p in source.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.resolve() not in skip),
                       key=lambda p: p.name)
-    lines = [line.strip() for line in source.read_text().splitlines()]
-    paths = [Path(line) for line in lines if line and not line.startswith("#")]
+    paths = [Path(entry) for entry in list_file_entries(source.read_text())]
     return [p if p.is_absolute() else source.parent / p for p in paths]
+
+
+def list_file_entries(text: str) -> list[str]:
+    """A list file's paths: one a line, blank lines and # comments skipped."""
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -146,9 +151,13 @@ def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backe
     elapsed = time.perf_counter() - started
     stats["seconds"] = round(elapsed, 3)
     stats["images_per_s"] = round(stats["written"] / elapsed, 2) if elapsed else 0.0
-    log(f"batch: {stats['written']} written ({stats['errors']} errors), {stats['skipped']} already done, "
-        f"{stats['images_per_s']} images/s" + (f"; stopped: {stats['aborted']}" if "aborted" in stats else ""))
+    log(summary_line(stats))
     return stats
+
+
+def summary_line(stats: dict) -> str:
+    return (f"batch: {stats['written']} written ({stats['errors']} errors), {stats['skipped']} already done, "
+            f"{stats['images_per_s']} images/s" + (f"; stopped: {stats['aborted']}" if "aborted" in stats else ""))
 
 
 def _bar(total: int, enabled: bool):

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pyarrow import fs as pafs
 
 from gateway import storage
-from gateway.batch import file_key, list_inputs, parse_shard, shard
+from gateway.batch import _bar, file_key, list_file_entries, list_inputs, parse_shard, shard, summary_line
 from gateway.results import open_results
 
 # Inference is ~5x the cost of decoding here (measured: ~2 ms decode + preprocess, ~10 ms
@@ -62,16 +63,15 @@ def find_inputs(source: str, out: str, endpoint: str | None = None):
         exclude = () if storage.is_s3(out) else (Path(out),)
         root = folder if folder.is_dir() else folder.parent
         files = list_inputs(folder, exclude=exclude)
-        return storage.locate(source)[0], [(file_key(p, root), os.path.abspath(p)) for p in files]
+        return pafs.LocalFileSystem(), [(file_key(p, root), os.path.abspath(p)) for p in files]
     filesystem, path = storage.locate(source, endpoint)
     kind = storage.kind(filesystem, path)
-    if kind == storage.pafs.FileType.Directory:
+    if kind == pafs.FileType.Directory:
         exclude = (storage.locate(out, endpoint)[1],) if storage.is_s3(out) else ()
         return filesystem, [(p[len(path) + 1:], p) for p in storage.list_folder(filesystem, path, exclude)]
-    if kind == storage.pafs.FileType.File:  # a list file: entries relative to its folder, or s3:// URIs
+    if kind == pafs.FileType.File:  # a list file: entries relative to its folder, or s3:// URIs
         folder = posixpath.dirname(path)
-        lines = [line.strip() for line in storage.read_bytes(filesystem, path).decode().splitlines()]
-        entries = [line for line in lines if line and not line.startswith("#")]
+        entries = list_file_entries(storage.read_bytes(filesystem, path).decode())
         return filesystem, [(e, e[len(storage.S3):] if storage.is_s3(e) else posixpath.normpath(f"{folder}/{e}"))
                             for e in entries]
     raise ValueError(f"{source} does not exist (no object, and no objects under {source}/)")
@@ -220,7 +220,6 @@ def run_ray_batch(source: str, out: str, address: str | None = None, config_path
                   batch_size: int = DEFAULT_BATCH, s3_endpoint: str | None = None, shard_spec: str | None = None,
                   progress: bool = True, limit: int | None = None, num_cpus: int | None = None,
                   log=print) -> dict:
-    from gateway.batch import _bar
     from gateway.config import load_config
 
     config = load_config(config_path)
@@ -271,8 +270,7 @@ def run_ray_batch(source: str, out: str, address: str | None = None, config_path
     stats["images_per_s"] = round(stats["written"] / elapsed, 2) if elapsed and stats["written"] else 0.0
     if "first_s" in stats and elapsed > stats["first_s"]:  # the rate once the pipeline is running
         stats["steady_images_per_s"] = round((stats["written"] - first_rows) / (elapsed - stats["first_s"]), 2)
-    log(f"batch: {stats['written']} written ({stats['errors']} errors), {stats['skipped']} already done, "
-        f"{stats['images_per_s']} images/s" + (f"; stopped: {stats['aborted']}" if "aborted" in stats else ""))
+    log(summary_line(stats))
     if started_here:
         log(f"ray: {'joined ' + address if address else 'started'} in {stats['ray_start_s']:.1f} s; "
             f"{stats.get('actors')} inference actor(s), batch size {batch_size}; first results after "
