@@ -20,30 +20,41 @@ from PIL import Image
 
 from conftest import ROOT, free_port
 
-# Set before Ray is imported: a one-machine Ray on 127.0.0.1 (not the machine's address), no
-# usage reporting, and emulator credentials that Ray's worker processes inherit.
+from gateway.batch import run_batch
+from gateway.ray_batch import find_inputs, plan_actors, run_ray_batch
+from gateway.results import ObjectStoreResults, open_results
+from gateway.storage import s3_filesystem, write_bytes
+
+# For this module only, set before Ray is imported: a one-machine Ray on 127.0.0.1 (not the
+# machine's address), no usage reporting, and emulator credentials (Ray's worker processes
+# inherit them, as a cluster's nodes would have their own).
 TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
             "AWS_ACCESS_KEY_ID": "emulator", "AWS_SECRET_ACCESS_KEY": "emulator", "AWS_DEFAULT_REGION": "us-east-1"}
-os.environ.update(TEST_ENV)
-
-from gateway.batch import run_batch  # noqa: E402
-from gateway.ray_batch import find_inputs, plan_actors, run_ray_batch  # noqa: E402
-from gateway.results import ObjectStoreResults, open_results  # noqa: E402
-from gateway.storage import s3_filesystem, write_bytes  # noqa: E402
 
 CAT, COFFEE, ROCKET = {281, 282, 285}, {967, 968, 504}, {657, 744, 812}
 CONFIG = str(ROOT / "gateway.yaml")
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
+@pytest.fixture(scope="module", autouse=True)
+def test_env():
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in TEST_ENV.items():
+            mp.setenv(name, value)
+        yield
 
-    if ray.is_initialized():
-        pytest.fail("Ray was already started by another module; this module needs its own small one")
+
+@pytest.fixture(scope="module")
+def ray_address(test_env):
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized() or ray_constants.ENABLE_RAY_CLUSTER:
+        pytest.fail("Ray was imported or started before this module set it to loopback-only")
     context = ray.init(num_cpus=2, object_store_memory=200 * 2**20, include_dashboard=False,
                        logging_level=logging.WARNING)
-    yield context.address_info["gcs_address"]
+    address = context.address_info["gcs_address"]
+    assert address.startswith("127.0.0.1:"), address  # tests talk to loopback only
+    yield address
     ray.shutdown()
 
 
