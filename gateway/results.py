@@ -158,7 +158,12 @@ def open_results(location: str, endpoint: str | None = None, **options):
     """The results file for ``--out``: a local path or an ``s3://bucket/key``."""
     if storage.is_s3(location):
         filesystem, path = storage.locate(location, endpoint)
+        bucket = path.split("/")[0]
         if "/" not in path:
             raise ValueError(f"--out {location!r} names a bucket, not an object: use s3://bucket/results.jsonl")
+        if storage.kind(filesystem, bucket) != pafs.FileType.Directory:  # found now, not after the work
+            raise ValueError(f"--out {location!r}: bucket {bucket!r} does not exist")
         return ObjectStoreResults(filesystem, path, **options)
+    if not Path(location).parent.is_dir():
+        raise ValueError(f"--out {location!r}: folder {str(Path(location).parent)!r} does not exist")
     return LocalResults(location)

@@ -241,6 +241,16 @@ def test_inputs_from_a_bucket_prefix_and_a_list_file(bucket, s3_endpoint, images
         find_inputs("s3://photos/nothing-here", "out.jsonl", s3_endpoint)
 
 
+def test_missing_output_bucket_or_folder_is_refused_before_any_work(s3_endpoint, bucket, folder, tmp_path):
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_endpoint}
+    for out, says in (("s3://no-such-bucket/results.jsonl", "bucket 'no-such-bucket' does not exist"),
+                      (str(tmp_path / "missing" / "results.jsonl"), "does not exist")):
+        proc = subprocess.run([sys.executable, "-m", "gateway", "batch", str(folder), "--out", out, "--ray",
+                               "--config", CONFIG], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        assert "ray:" not in proc.stderr  # refused before Ray started
+
+
 def test_actor_plan_leaves_room_for_decoding():
     assert plan_actors(2) == (2, 0.875)  # this machine: two actors and one decoding task at a time
     assert plan_actors(1) == (1, 0.75)
