@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import logging
-import os
 
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import metrics
 from gateway.api import auth, classify, health, models, openapi
-from gateway.config import GatewayConfig, load_config
-from gateway.errors import GatewayError
+from gateway.config import GatewayConfig
+from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.service import Gateway
 
 log = logging.getLogger("gateway")
@@ -20,20 +19,35 @@ log = logging.getLogger("gateway")
 DRAIN_FACTOR = 4
 
 
-def create_app(config: GatewayConfig | None = None) -> Flask:
-    if config is None:
-        config = load_config(os.environ.get("GATEWAY_CONFIG", "gateway.yaml"))
+def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
+    """``gateway`` replaces the one built from ``config`` (tests inject backends through it)."""
     app = Flask("gateway")
     app.config["MAX_CONTENT_LENGTH"] = config.server.max_body_bytes
-    app.json.sort_keys = False
-    gateway = Gateway(config)
-    gateway.load()
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    if gateway is None:
+        gateway = Gateway(config)
+        gateway.load()
     app.extensions["gateway"] = gateway
     for bp in (classify.bp, models.bp, health.bp, openapi.bp):
         app.register_blueprint(bp)
     auth.install(app)
     register_error_handlers(app)
+
+    @app.after_request
+    def count(response: Response) -> Response:
+        endpoint = request.url_rule.rule if request.url_rule else "unmatched"
+        metrics.HTTP_RESPONSES.labels(request.method, endpoint, str(response.status_code)).inc()
+        return response
+
     return app
+
+
+def error_response(exc: GatewayError, headers=None):
+    """The one way an error becomes an answer: its status, the JSON body, counted by code."""
+    metrics.ERRORS.labels(str(exc.status), exc.code).inc()
+    if exc.status >= 500:
+        log.warning("%s %s", exc.status, exc.message)
+    return jsonify(exc.to_dict()), exc.status, headers or {}
 
 
 def drain_body(environ: dict, bound: int, chunk: int = 1 << 16) -> bool:
@@ -50,37 +64,26 @@ def drain_body(environ: dict, bound: int, chunk: int = 1 << 16) -> bool:
     return not stream.read(1)
 
 
-def _error(status: int, code: str, message: str, extra: dict | None = None):
-    metrics.ERRORS.labels(str(status), code).inc()
-    body = {"error": {"code": code, "message": message, **(extra or {})}}
-    return jsonify(body), status
-
-
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(GatewayError)
     def gateway_error(exc: GatewayError):
-        if exc.status >= 500:
-            log.warning("%s %s", exc.status, exc.message)
-        body = exc.to_dict()["error"]
-        extra = {k: v for k, v in body.items() if k not in ("code", "message")}
-        return _error(exc.status, exc.code, exc.message, extra)
+        return error_response(exc)
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc):
         limit = app.config["MAX_CONTENT_LENGTH"]
         drained = drain_body(request.environ, DRAIN_FACTOR * limit)
-        body, status = _error(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
-        return body, status, {} if drained else {"Connection": "close"}
+        return error_response(PayloadTooLarge(f"request body exceeds the limit of {limit} bytes"),
+                              None if drained else {"Connection": "close"})
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
         code = (exc.name or "error").lower().replace(" ", "_")
-        body, status = _error(exc.code or 500, code, exc.description or exc.name)
         # e.g. 405's Allow, which RFC 9110 requires; the exception's own Content-Type is HTML's
-        extra = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
-        return body, status, extra
+        headers = [(k, v) for k, v in exc.get_headers() if k.lower() != "content-type"]
+        return error_response(GatewayError(exc.description or exc.name, code=code, status=exc.code or 500), headers)
 
     @app.errorhandler(Exception)
     def unexpected(exc: Exception):
         log.exception("unhandled error")
-        return _error(500, "internal_error", f"internal error: {type(exc).__name__}")
+        return error_response(GatewayError(f"internal error: {type(exc).__name__}"))

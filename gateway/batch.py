@@ -23,6 +23,7 @@ from pathlib import Path
 from gateway.client import DEFAULT_URL, ClientError, GatewayClient
 
 RETRIES = 3
+RETRY_DELAY_S = 0.5  # doubled per retry
 
 
 def list_inputs(source: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
@@ -101,7 +102,7 @@ def classify_one(client: GatewayClient, path: Path, key: str, model, backend, to
             if exc.status is not None and exc.status < 500:
                 return {"file": key, "error": {"status": exc.status, "code": exc.code, "message": exc.message}}
             last = exc
-            time.sleep(0.5 * 2 ** attempt)
+            time.sleep(RETRY_DELAY_S * 2 ** attempt)
     if last.status == 502:  # the backend keeps answering this image badly: record it, move on
         return {"file": key, "error": {"status": 502, "code": last.code, "message": last.message}}
     raise GatewayDown(f"{key}: {last}")

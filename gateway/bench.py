@@ -40,13 +40,13 @@ def _embedded_baseline(config, route):
 
     from gateway.preprocess import preprocess_bytes
 
-    options = config.backends[route.backend].options
-    path = config.path(options["model_dir"]) / f"{route.model}.onnx"
+    settings = config.backends[route.backend]
+    path = settings.model_dir / f"{route.backend_model}.onnx"
     # The gateway's per-call resources: one intra-op thread per call unless configured (concurrent
     # callers still use every core). ORT's default, a spinning thread per core, measured ~2x slower
     # per call on a busy 2-core machine, which would flatter the gateway.
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = options["intra_op_threads"] or 1
+    opts.intra_op_num_threads = settings.intra_op_threads or 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda data: session.run(None, {name: preprocess_bytes(data, route.preprocess)[None]})
@@ -58,7 +58,7 @@ def _triton_baseline(config, route):
     from gateway.preprocess import preprocess_bytes
 
     host = config.backends[route.backend].url.split("://", 1)[1]
-    meta = requests.get(f"{config.backends[route.backend].url}/v2/models/{route.model}", timeout=10).json()
+    meta = requests.get(f"{config.backends[route.backend].url}/v2/models/{route.backend_model}", timeout=10).json()
     inp, out = meta["inputs"][0], meta["outputs"][0]
 
     @per_thread
@@ -69,14 +69,14 @@ def _triton_baseline(config, route):
             x = preprocess_bytes(data, route.preprocess)[None]
             tensor = httpclient.InferInput(inp["name"], list(x.shape), inp["datatype"])
             tensor.set_data_from_numpy(x, binary_data=True)
-            client.infer(route.model, [tensor], outputs=[httpclient.InferRequestedOutput(out["name"],
+            client.infer(route.backend_model, [tensor], outputs=[httpclient.InferRequestedOutput(out["name"],
                                                                                          binary_data=True)])
         return call
     return factory
 
 
 def _torchserve_baseline(config, route):
-    url = f"{config.backends[route.backend].url}/predictions/{route.model}"
+    url = f"{config.backends[route.backend].url}/predictions/{route.backend_model}"
     @per_thread
     def factory():
         session = requests.Session()
@@ -109,7 +109,7 @@ def targets(url: str, config, model: str, baselines: bool, log,
         if route is None:
             continue
         try:
-            out.append((f"direct {info['kind']} ({route.model})", "direct", info["name"], make(config, route)))
+            out.append((f"direct {info['kind']} ({route.backend_model})", "direct", info["name"], make(config, route)))
         except Exception as exc:  # a baseline that cannot start is reported, not fatal
             log(f"skip direct {info['kind']} baseline: {type(exc).__name__}: {exc}")
     return out

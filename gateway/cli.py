@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "gateway.export.build",   # models build
     "gateway.servers.cli",    # backends up|down|status
     "gateway.client",         # classify
+    "gateway.detect_cli",     # detect
     "gateway.bench",          # bench
     "gateway.batch",          # batch
     "gateway.evaluation",     # eval
@@ -20,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description="Multi-backend image classification gateway")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name and (name + ".").startswith(exc.name + "."):  # a command not built yet
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

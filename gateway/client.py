@@ -48,10 +48,19 @@ class GatewayClient:
         return body
 
     def classify(self, images, model: str | None = None, backend: str | None = None,
-                 top_k: int | None = None) -> dict:
+                 top_k: int | None = None, route: str | None = None) -> dict:
         """One image (bytes or path) as a raw body, several as multipart ``image`` fields."""
         path = f"/v1/models/{model}/classify" if model else "/v1/classify"
-        params = {k: v for k, v in (("backend", backend), ("top_k", top_k)) if v is not None}
+        return self._post_images(path, images, route=route, backend=backend, top_k=top_k)
+
+    def detect(self, images, model: str, backend: str | None = None, route: str | None = None, **params) -> dict:
+        """Detection (``POST /v1/models/<model>/detect``); params: score_threshold,
+        iou_threshold, max_detections. Images as in classify."""
+        return self._post_images(f"/v1/models/{model}/detect", images, route=route, backend=backend, **params)
+
+    def _post_images(self, path: str, images, **params) -> dict:
+        """One image (bytes or path) as a raw body, several as multipart ``image`` fields."""
+        params = {k: v for k, v in params.items() if v is not None}
         if isinstance(images, (bytes, bytearray, str, Path)):
             return self._call("POST", path, params=params, data=_read(images),
                               headers={"Content-Type": "application/octet-stream"})

@@ -1,283 +1,335 @@
-"""``gateway.yaml``: one file, validated at start, errors that name the bad key.
+"""``gateway.yaml``: one file, validated at start, errors that name the key.
 
-Settings are frozen dataclasses; ``load_config`` builds them from YAML and raises
-``ConfigError("models.mobilenet_v2.routes[1].backend: ...")`` on the first problem.
+``load_config`` validates the YAML with pydantic (each backend kind brings its own settings
+model from gateway/backends/<kind>.py) and resolves it into frozen runtime objects:
+``GatewayConfig`` -> ``ModelConfig`` -> ``Route``. Every problem raises one ``ConfigError``
+naming the key, what was expected and what was given, e.g.
+``backends.tfserving.protocol: expected 'rest' or 'grpc', got 'soap'``.
+Relative paths resolve against the YAML file's folder while validating; ``extends: FILE``
+merges a file over another (compose/gateway.compose.yaml over gateway.yaml).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import Field, ValidationError
 
-from gateway.postprocess import OUTPUTS
-from gateway.preprocess import PreprocessSpec
+from gateway.backends.base import Backend, BackendSettings
+from gateway.backends.embedded import EmbeddedBackend, EmbeddedSettings
+from gateway.backends.tfserving import TFServingBackend, TFServingSettings
+from gateway.backends.torchserve import TorchServeBackend, TorchServeSettings
+from gateway.backends.triton import TritonBackend, TritonSettings
+from gateway.preprocess import PreprocessSpec, SpecError
+from gateway.settings import ConfigPath, Name, NonNegInt, PosInt, Settings
+
+log = logging.getLogger("gateway")
 
 PACKAGE_LABELS = {"imagenet": Path(__file__).parent / "data" / "imagenet_labels.txt"}
-BACKEND_KINDS = {
-    "embedded": "gateway.backends.embedded:EmbeddedBackend",
-    "triton": "gateway.backends.triton:TritonBackend",
-    "torchserve": "gateway.backends.torchserve:TorchServeBackend",
-    "tfserving": "gateway.backends.tfserving:TFServingBackend",
+BACKEND_KINDS: dict[str, type[Backend]] = {
+    "embedded": EmbeddedBackend, "triton": TritonBackend, "torchserve": TorchServeBackend,
+    "tfserving": TFServingBackend,
 }
+# old key -> new key, per kind of mapping: still read, with a warning naming the new key
+RENAMED_KEYS = {"route": {"model": "backend_model", "input": "input_name"},
+                "torchserve": {"max_batch": "max_batch_size"}}
+Output = Literal["logits", "probabilities"]  # gateway.postprocess.OUTPUTS
 
 
 class ConfigError(ValueError):
     pass
 
 
-@dataclass(frozen=True)
-class ServerSettings:
+def backend_class(kind: str) -> type[Backend]:
+    return BACKEND_KINDS[kind]
+
+
+# -- the YAML's schema -------------------------------------------------------------------
+class ServerSettings(Settings):
     default_model: str = ""
-    default_top_k: int = 5
-    max_body_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 40_000_000
-    max_images: int = 64
-    request_timeout_s: float = 60.0
-    api_keys: tuple[str, ...] = ()
-    artifacts: str = "artifacts.json"
+    default_top_k: PosInt = 5
+    max_body_bytes: PosInt = 20 * 1024 * 1024
+    max_pixels: PosInt = 40_000_000
+    max_images: PosInt = 64
+    request_timeout_s: Annotated[float, Field(strict=True, gt=0)] = 60.0
+    api_keys: tuple[Name, ...] = ()
+    artifacts: ConfigPath = Path("artifacts.json")  # written by `gateway models build`
 
 
-@dataclass(frozen=True)
-class BackendSettings:
-    name: str
-    kind: str
-    url: str = ""
-    connect_timeout_s: float = 2.0
-    timeout_s: float = 30.0
-    options: dict[str, Any] = field(default_factory=dict)  # kind-specific, validated by the kind
+class PreprocessSettings(Settings):
+    """Any subset of gateway.preprocess.PreprocessSpec's fields (routes override their model's)."""
+
+    source: str = ""  # documentation: where the model's training preprocessing is written
+    size: PosInt | tuple[PosInt, PosInt] | None = None
+    resize: str | None = None
+    crop_ratio: float | None = None
+    interpolation: str | None = None
+    pad_value: NonNegInt | None = None
+    pad_position: str | None = None
+    channels: str | None = None
+    scaling: str | None = None
+    layout: str | None = None
+    dtype: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    def spec_values(self) -> dict[str, Any]:
+        values = self.model_dump(exclude_none=True, exclude={"source"})
+        if isinstance(values.get("size"), int):
+            values["size"] = (values["size"], values["size"])
+        return values
 
 
+class RouteSettings(Settings):
+    backend: Name  # a key of ``backends``
+    backend_model: Name | None = None  # the engine's name for the model (default: the gateway's)
+    name: Name | None = None  # what ?route= names (default: the backend's name)
+    version: Name | NonNegInt | None = None
+    input_name: Name | None = None  # tensor names (default: learnt from the engine)
+    output_name: Name | None = None
+    preprocess: PreprocessSettings | None = None
+    output: Output | None = None
+
+
+class ModelSettings(Settings):
+    labels: Name = "imagenet"  # "imagenet" or a labels file, one name per line
+    weights: Name = "auto"  # "auto": what artifacts.json says the build got
+    preprocess: PreprocessSettings = PreprocessSettings()
+    output: Output = "logits"  # what the model's scores are, whatever the route
+    routes: Annotated[list[RouteSettings], Field(min_length=1)]
+
+
+AnyBackendSettings = Annotated[
+    Union[EmbeddedSettings, TritonSettings, TorchServeSettings, TFServingSettings],
+    Field(discriminator="kind")]
+
+
+class ConfigSettings(Settings):
+    server: ServerSettings = ServerSettings()
+    backends: Annotated[dict[str, AnyBackendSettings], Field(min_length=1)]
+    models: Annotated[dict[str, ModelSettings], Field(min_length=1)]
+
+
+# -- the resolved configuration ------------------------------------------------------------
 @dataclass(frozen=True)
 class Route:
-    model_name: str  # the gateway's model
-    backend: str  # backend name (a key of ``backends``)
-    model: str  # the model's name on that backend
-    name: str  # route name for ?backend=; defaults to the backend name
+    model: str  # the gateway's model
+    name: str  # what ?route= names
+    backend: str  # a key of GatewayConfig.backends
+    backend_model: str  # the engine's name for the model
     preprocess: PreprocessSpec
-    output: str  # logits | probabilities
+    output: str  # logits | probabilities: what this route's engine returns
     version: str | None = None
-    input_name: str | None = None  # None: learn from the backend's metadata
+    input_name: str | None = None  # None: learn from the engine's metadata
     output_name: str | None = None
 
 
 @dataclass(frozen=True)
-class ModelSettings:
+class ModelConfig:
     name: str
     labels: tuple[str, ...]
     labels_source: str
     weights: str
     preprocess: PreprocessSpec
+    preprocess_source: str
     output: str
     routes: tuple[Route, ...]
-    preprocess_source: str = ""  # where the training preprocessing is written (documentation)
 
 
 @dataclass(frozen=True)
 class GatewayConfig:
     server: ServerSettings
     backends: dict[str, BackendSettings]
-    models: dict[str, ModelSettings]
-    root: Path  # directory of the YAML file; relative paths resolve against it
+    models: dict[str, ModelConfig]
+    root: Path  # the YAML file's folder
+    deprecations: tuple[str, ...] = field(default=())
 
-    def path(self, value: str) -> Path:
+    def path(self, value: str | Path) -> Path:
         p = Path(value)
         return p if p.is_absolute() else self.root / p
 
     def with_backend(self, name: str, **changes) -> "GatewayConfig":
         """A copy with one backend's settings changed (tests and launchers use it)."""
-        backends = dict(self.backends)
-        backends[name] = replace(backends[name], **changes)
-        return replace(self, backends=backends)
+        settings = self.backends[name]
+        changed = type(settings).model_validate({**settings.model_dump(), **changes}, context={"root": self.root})
+        return GatewayConfig(self.server, {**self.backends, name: changed}, self.models, self.root, self.deprecations)
 
 
-def backend_class(kind: str):
-    module, _, cls = BACKEND_KINDS[kind].partition(":")
-    import importlib
-
-    return getattr(importlib.import_module(module), cls)
-
-
-def _mapping(value, where: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-    return value
+# -- loading ---------------------------------------------------------------------------------
+def load_config(path: str | Path = "gateway.yaml") -> GatewayConfig:
+    path = Path(path)
+    config = parse_config(_read(path), path.resolve().parent)
+    for message in config.deprecations:
+        log.warning("%s: %s", path.name, message)
+    return config
 
 
-def _check_keys(data: dict, allowed, where: str):
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(allowed))})")
-
-
-def _typed(data: dict, key: str, kind, where: str, default=None, positive=False):
-    if key not in data:
-        return default
-    value = data[key]
-    ok = isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value, ok = float(value), True
-    if not ok:
-        raise ConfigError(f"{where}.{key}: expected {kind.__name__}, got {value!r}")
-    if positive and value <= 0:
-        raise ConfigError(f"{where}.{key}: must be positive, got {value!r}")
-    return value
-
-
-def _server(data: dict) -> ServerSettings:
-    where = "server"
-    _check_keys(data, ServerSettings.__dataclass_fields__, where)
-    keys = data.get("api_keys", [])
-    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
-        raise ConfigError(f"{where}.api_keys: expected a list of non-empty strings")
-    return ServerSettings(
-        default_model=_typed(data, "default_model", str, where, ""),
-        default_top_k=_typed(data, "default_top_k", int, where, 5, positive=True),
-        max_body_bytes=_typed(data, "max_body_bytes", int, where, ServerSettings.max_body_bytes, positive=True),
-        max_pixels=_typed(data, "max_pixels", int, where, ServerSettings.max_pixels, positive=True),
-        max_images=_typed(data, "max_images", int, where, ServerSettings.max_images, positive=True),
-        request_timeout_s=_typed(data, "request_timeout_s", float, where, 60.0, positive=True),
-        api_keys=tuple(keys),
-        artifacts=_typed(data, "artifacts", str, where, ServerSettings.artifacts),
-    )
-
-
-def _backend(name: str, data: dict) -> BackendSettings:
-    where = f"backends.{name}"
-    kind = data.get("kind")
-    if kind not in BACKEND_KINDS:
-        raise ConfigError(f"{where}.kind: {kind!r} is not one of {sorted(BACKEND_KINDS)}")
-    common = {"kind", "url", "connect_timeout_s", "timeout_s"}
-    option_defaults = dict(getattr(backend_class(kind), "options", {}))
-    _check_keys(data, common | set(option_defaults), where)
-    options = {key: _typed(data, key, type(default), where, default) for key, default in option_defaults.items()}
-    url = _typed(data, "url", str, where, "")
-    if kind != "embedded" and not url.startswith(("http://", "https://", "grpc://")):
-        raise ConfigError(f"{where}.url: expected http(s)://host:port, got {url!r}")
-    return BackendSettings(
-        name=name, kind=kind, url=url.rstrip("/"),
-        connect_timeout_s=_typed(data, "connect_timeout_s", float, where, 2.0, positive=True),
-        timeout_s=_typed(data, "timeout_s", float, where, 30.0, positive=True),
-        options=options,
-    )
-
-
-PREPROCESS_KEYS = {"size", "resize", "crop_ratio", "interpolation", "pad_value", "pad_position", "channels",
-                   "scaling", "layout", "dtype", "mean", "std", "source"}
-
-
-def _preprocess(data: dict, where: str, base: PreprocessSpec | None = None) -> PreprocessSpec:
-    """``source`` is documentation only: where the model's training preprocessing is written."""
-    _check_keys(data, PREPROCESS_KEYS, where)
-    values = base.to_dict() if base else {}
-    values.update({k: v for k, v in data.items() if k != "source"})
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    """The YAML at ``path``; with a top-level ``extends: OTHER.yaml`` (relative to it), that
+    file's mappings with this one's keys merged over them (lists are replaced whole)."""
     try:
-        size = values.get("size", [224, 224])
-        if isinstance(size, int):
-            size = [size, size]
-        values["size"] = [int(s) for s in size]
-        if "crop_ratio" in values:
-            values["crop_ratio"] = float(values["crop_ratio"])
-        return PreprocessSpec.from_dict(values)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}.{exc}") from None
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict) or "extends" not in data:
+        return data
+    base = path.parent / str(data.pop("extends"))
+    if base.resolve() in seen:
+        raise ConfigError(f"{path}: extends: {base} is already being read (a loop)")
+    return _merge(_read(base, (*seen, path.resolve())), data)
 
 
-def _labels(value, where: str, root: Path) -> tuple[tuple[str, ...], str]:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: expected 'imagenet' or a path to a labels file")
+def _merge(base: Any, over: Any) -> Any:
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+    return over
+
+
+def parse_config(data: Any, root: Path) -> GatewayConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"the top level must be a mapping with server, backends and models, "
+                          f"got {type(data).__name__}")
+    deprecations = _rename_old_keys(data)
+    try:
+        settings = ConfigSettings.model_validate(data, context={"root": root})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], data)) from None
+    models = {name: _model(name, m, settings, root) for name, m in settings.models.items()}
+    default = settings.server.default_model or next(iter(models))
+    if default not in models:
+        raise ConfigError(f"server.default_model: expected one of {sorted(models)}, got {default!r}")
+    server = settings.server.model_copy(update={"default_model": default})
+    return GatewayConfig(server, dict(settings.backends), models, root, tuple(deprecations))
+
+
+def _model(name: str, m: ModelSettings, settings: ConfigSettings, root: Path) -> ModelConfig:
+    where = f"models.{name}"
+    labels = _labels(m.labels, f"{where}.labels", root)
+    spec = _spec({}, m.preprocess, f"{where}.preprocess")
+    routes, names = [], set()
+    for i, r in enumerate(m.routes):
+        rwhere = f"{where}.routes[{i}]"
+        if r.backend not in settings.backends:
+            raise ConfigError(f"{rwhere}.backend: expected one of the configured backends {sorted(settings.backends)}, "
+                              f"got {r.backend!r}")
+        route_name = r.name or r.backend
+        if route_name in names:
+            raise ConfigError(f"{rwhere}.name: expected a name no other route of {name!r} has, got {route_name!r} "
+                              f"(give one of them a distinct name)")
+        names.add(route_name)
+        routes.append(Route(
+            model=name, name=route_name, backend=r.backend, backend_model=r.backend_model or name,
+            preprocess=_spec(spec.to_dict(), r.preprocess, f"{rwhere}.preprocess") if r.preprocess else spec,
+            output=r.output or m.output, version=None if r.version is None else str(r.version),
+            input_name=r.input_name, output_name=r.output_name,
+        ))
+    return ModelConfig(name=name, labels=labels, labels_source=m.labels,
+                       weights=_weights(m.weights, name, settings.server.artifacts),
+                       preprocess=spec, preprocess_source=m.preprocess.source, output=m.output, routes=tuple(routes))
+
+
+def _spec(base: dict, settings: PreprocessSettings, where: str) -> PreprocessSpec:
+    try:
+        return PreprocessSpec.from_dict({**base, **settings.spec_values()})
+    except SpecError as exc:
+        raise ConfigError(f"{where}.{exc.field}: {exc.message}") from None
+
+
+def _labels(value: str, where: str, root: Path) -> tuple[str, ...]:
     path = PACKAGE_LABELS.get(value) or (Path(value) if Path(value).is_absolute() else root / value)
     if not path.is_file():
-        raise ConfigError(f"{where}: labels file {str(path)!r} does not exist")
+        raise ConfigError(f"{where}: expected 'imagenet' or a labels file, got {value!r} ({path} does not exist)")
     labels = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
     if not labels:
-        raise ConfigError(f"{where}: labels file {str(path)!r} is empty")
-    return labels, value
+        raise ConfigError(f"{where}: expected a labels file with one name per line, got the empty file {str(path)!r}")
+    return labels
 
 
-def _weights(value, name: str, root: Path, artifacts: str) -> str:
+def _weights(value: str, name: str, artifacts: Path) -> str:
     if value != "auto":
-        return str(value)
-    path = Path(artifacts) if Path(artifacts).is_absolute() else root / artifacts
+        return value
     try:
-        return json.loads(path.read_text())["models"][name]["weights"]
+        return json.loads(artifacts.read_text())["models"][name]["weights"]
     except (OSError, ValueError, KeyError, TypeError):
         return "unknown"
 
 
-def _model(name: str, data: dict, backends: dict, root: Path, server: ServerSettings) -> ModelSettings:
-    where = f"models.{name}"
-    _check_keys(data, {"labels", "weights", "preprocess", "output", "routes"}, where)
-    labels, source = _labels(data.get("labels", "imagenet"), f"{where}.labels", root)
-    spec = _preprocess(_mapping(data.get("preprocess"), f"{where}.preprocess"), f"{where}.preprocess")
-    output = data.get("output", "logits")
-    if output not in OUTPUTS:
-        raise ConfigError(f"{where}.output: {output!r} is not one of {list(OUTPUTS)}")
-    routes_data = data.get("routes")
-    if not isinstance(routes_data, list) or not routes_data:
-        raise ConfigError(f"{where}.routes: expected a non-empty list of routes")
-    routes, names = [], set()
-    for i, r in enumerate(routes_data):
-        rwhere = f"{where}.routes[{i}]"
-        r = _mapping(r, rwhere)
-        _check_keys(r, {"backend", "model", "name", "version", "input", "output_name", "preprocess", "output"}, rwhere)
-        backend = r.get("backend")
-        if backend not in backends:
-            raise ConfigError(f"{rwhere}.backend: {backend!r} is not a configured backend ({sorted(backends)})")
-        rname = str(r.get("name", backend))
-        if rname in names:
-            raise ConfigError(f"{rwhere}.name: route name {rname!r} is used twice; give one a distinct name")
-        names.add(rname)
-        routput = r.get("output", output)
-        if routput not in OUTPUTS:
-            raise ConfigError(f"{rwhere}.output: {routput!r} is not one of {list(OUTPUTS)}")
-        version = r.get("version")
-        routes.append(Route(
-            model_name=name, backend=backend, model=str(r.get("model", name)), name=rname,
-            preprocess=_preprocess(_mapping(r.get("preprocess"), f"{rwhere}.preprocess"),
-                                   f"{rwhere}.preprocess", base=spec) if r.get("preprocess") else spec,
-            output=routput, version=None if version is None else str(version),
-            input_name=r.get("input"), output_name=r.get("output_name"),
-        ))
-    return ModelSettings(
-        name=name, labels=labels, labels_source=source,
-        weights=_weights(data.get("weights", "auto"), name, root, server.artifacts),
-        preprocess=spec, output=output, routes=tuple(routes),
-        preprocess_source=str(_mapping(data.get("preprocess"), where).get("source", "")),
-    )
+def _rename_old_keys(data: dict) -> list[str]:
+    """Accept keys from before the renames (in place), each with a message naming its new key."""
+    messages = []
+
+    def rename(mapping: dict, renames: dict, where: str) -> None:
+        for old, new in renames.items():
+            if isinstance(mapping, dict) and old in mapping and new not in mapping:
+                mapping[new] = mapping.pop(old)
+                messages.append(f"{where}.{old} is deprecated: call it {new}")
+
+    backends, models = data.get("backends"), data.get("models")
+    for name, backend in (backends.items() if isinstance(backends, dict) else ()):
+        if isinstance(backend, dict) and backend.get("kind") in RENAMED_KEYS:
+            rename(backend, RENAMED_KEYS[backend["kind"]], f"backends.{name}")
+    for name, model in (models.items() if isinstance(models, dict) else ()):
+        routes = model.get("routes") if isinstance(model, dict) else None
+        for i, route in enumerate(routes if isinstance(routes, list) else []):
+            rename(route, RENAMED_KEYS["route"], f"models.{name}.routes[{i}]")
+    return messages
 
 
-def parse_config(data: Any, root: Path) -> GatewayConfig:
-    data = _mapping(data, "<top level>")
-    _check_keys(data, {"server", "backends", "models"}, "<top level>")
-    server = _server(_mapping(data.get("server"), "server"))
-    backends = {str(n): _backend(str(n), _mapping(b, f"backends.{n}"))
-                for n, b in _mapping(data.get("backends"), "backends").items()}
-    if not backends:
-        raise ConfigError("backends: at least one backend is required")
-    models = {str(n): _model(str(n), _mapping(m, f"models.{n}"), backends, root, server)
-              for n, m in _mapping(data.get("models"), "models").items()}
-    if not models:
-        raise ConfigError("models: at least one model is required")
-    default = server.default_model or next(iter(models))
-    if default not in models:
-        raise ConfigError(f"server.default_model: {default!r} is not a configured model ({sorted(models)})")
-    return GatewayConfig(server=replace(server, default_model=default), backends=backends,
-                         models=models, root=root)
+# -- error messages ----------------------------------------------------------------------------
+def _where(loc: tuple, data: dict) -> str:
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts[-1] += f"[{part}]"
+        elif loc[:1] == ("backends",) and i == 2 and part in BACKEND_KINDS:
+            continue  # pydantic puts the union member's tag in the path
+        else:
+            parts.append(str(part))
+    return ".".join(parts) or "<top level>"
 
 
-def load_config(path: str | Path = "gateway.yaml") -> GatewayConfig:
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config(data, path.resolve().parent)
+def _schema_at(loc: tuple, data: dict) -> type[Settings] | None:
+    """The settings class of the mapping at ``loc`` (for listing its allowed keys)."""
+    parts = [p for i, p in enumerate(loc) if not (loc[:1] == ("backends",) and i == 2 and p in BACKEND_KINDS)]
+    if not parts:
+        return ConfigSettings
+    if parts == ["server"]:
+        return ServerSettings
+    if parts[0] == "backends" and len(parts) == 2:
+        kind = (data.get("backends") or {}).get(parts[1], {}).get("kind")
+        return BACKEND_KINDS[kind].Settings if kind in BACKEND_KINDS else None
+    if parts[0] == "models":
+        if parts[-1] == "preprocess":
+            return PreprocessSettings
+        return {2: ModelSettings, 4: RouteSettings}.get(len(parts))
+    return None
+
+
+def _describe(error: dict, data: dict) -> str:
+    loc, kind, given = tuple(error["loc"]), error["type"], error.get("input")
+    where = _where(loc, data)
+    if kind == "extra_forbidden":
+        schema = _schema_at(loc[:-1], data)
+        allowed = f" (allowed: {', '.join(schema.model_fields)})" if schema else ""
+        return f"{where}: unknown key{allowed}, got {given!r}"
+    if kind == "missing":
+        return f"{where}: required, but missing"
+    if kind == "union_tag_invalid":
+        return f"{where}.kind: expected one of {sorted(BACKEND_KINDS)}, got {error['ctx']['tag']!r}"
+    if kind == "union_tag_not_found":
+        return f"{where}.kind: required: one of {sorted(BACKEND_KINDS)}"
+    if kind == "path_type":
+        return f"{where}: expected a path, got {given!r}"
+    if kind == "literal_error":
+        return f"{where}: expected {error['ctx']['expected']}, got {given!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return f"{where}: expected a mapping, got {type(given).__name__}"
+    message = message[0].lower() + message[1:]
+    return f"{where}: {message}" if ", got " in message else f"{where}: {message}, got {given!r}"

@@ -1,4 +1,8 @@
-"""Errors the gateway answers with: each carries its HTTP status and a stable code."""
+"""Errors the gateway answers with: each carries its HTTP status and a stable code.
+
+``to_dict()`` is the one error body every answer uses: ``{"error": {"code", "message"}}``,
+plus ``"backend"`` for backend faults.
+"""
 from __future__ import annotations
 
 
@@ -22,6 +26,10 @@ class BadRequest(GatewayError):
     status, code = 400, "bad_request"
 
 
+class Unauthorized(GatewayError):
+    status, code = 401, "unauthorized"
+
+
 class NotFound(GatewayError):
     status, code = 404, "not_found"
 
@@ -32,10 +40,6 @@ class PayloadTooLarge(GatewayError):
 
 class UnsupportedMediaType(GatewayError):
     status, code = 415, "unsupported_media_type"
-
-
-class Unauthorized(GatewayError):
-    status, code = 401, "unauthorized"
 
 
 class BackendError(GatewayError):
@@ -75,3 +79,13 @@ class BackendRejected(BackendError):
     """The backend refused the tensor we sent (a gateway/config mismatch: 502)."""
 
     status, code = 502, "backend_rejected_input"
+
+
+def all_routes_failed(model: str, failures: list[BackendError]) -> BackendError:
+    """One error for a request whose every route failed over: the last failure's kind (503
+    or 504) and backend stand for the request; the message lists every route's fault."""
+    if len(failures) == 1:
+        return failures[0]
+    last = failures[-1]
+    return type(last)(last.backend, f"every route of model {model!r} failed: "
+                                    + "; ".join(f.message for f in failures))

@@ -7,7 +7,7 @@ with the first route on top-1 and the most frequent confusions, and writes it al
 The labels file is a CSV with a header holding at least ``file`` (relative to FOLDER) and
 ``class_index`` (the model's output index); other columns (``wnid``, ``label``) are ignored.
 Routes are called in process (``--config``) or through a running gateway (``--url``), forced
-one at a time with ``?backend=<route>``, in batches of ``--batch-size`` photos.
+one at a time with ``?route=<route>``, in batches of ``--batch-size`` photos.
 """
 from __future__ import annotations
 
@@ -133,8 +133,8 @@ def report(model: str, results: list[dict], labels: list[str], confused: int = 5
 
 def in_process_classifier(gateway, model: str) -> Classifier:
     def classify(images: list[bytes], route: str) -> list[list[int]]:
-        result = gateway.classify(model, images, top_k=TOP_K, backend=route)
-        return [[p["index"] for p in preds] for preds in result.predictions]
+        result = gateway.classify(model, images, top_k=TOP_K, route=route)
+        return [[p["index"] for p in preds] for preds in result.results]
     return classify
 
 
@@ -144,7 +144,7 @@ def http_classifier(url: str, model: str) -> Classifier:
     client = GatewayClient(url, timeout=300)
 
     def classify(images: list[bytes], route: str) -> list[list[int]]:
-        body = client.classify(images, model=model, backend=route, top_k=TOP_K)
+        body = client.classify(images, model=model, route=route, top_k=TOP_K)
         return [[p["index"] for p in r["predictions"]] for r in body["results"]]
     return classify
 

@@ -1,7 +1,9 @@
 """Prometheus metrics; multi-process aware when served by several gunicorn workers.
 
 ``gateway serve`` sets PROMETHEUS_MULTIPROC_DIR before any worker starts, so every
-worker writes its samples there and ``/metrics`` aggregates them.
+worker writes its samples there and ``/metrics`` aggregates them. Model metrics are
+recorded by the service (gateway.service.Gateway.observed, .run); HTTP answers, every one
+of them, by the app (gateway.app).
 """
 from __future__ import annotations
 
@@ -12,11 +14,12 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
-REQUESTS = Counter("gateway_requests_total", "Classify requests answered",
-                   ["model", "backend", "status"])
-IMAGES = Counter("gateway_images_total", "Images classified", ["model", "backend"])
+REQUESTS = Counter("gateway_requests_total", "Model requests by the status they ended with",
+                   ["model", "backend", "status", "protocol"])
+IMAGES = Counter("gateway_images_total", "Images answered", ["model", "backend"])
+HTTP_RESPONSES = Counter("gateway_http_responses_total", "Every HTTP answer", ["method", "endpoint", "status"])
 ERRORS = Counter("gateway_errors_total", "Error responses by status and error code", ["status", "code"])
-LATENCY = Histogram("gateway_request_latency_seconds", "Classify request latency (whole request)",
+LATENCY = Histogram("gateway_request_latency_seconds", "Model request latency (whole request)",
                     ["model", "backend"], buckets=LATENCY_BUCKETS)
 INFERENCE = Histogram("gateway_inference_latency_seconds", "Backend inference latency",
                       ["model", "backend"], buckets=LATENCY_BUCKETS)

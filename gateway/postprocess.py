@@ -27,6 +27,17 @@ def to_probabilities(batch: np.ndarray, output: str) -> np.ndarray:
     return batch.astype(np.float64, copy=False)
 
 
+def to_meaning(batch: np.ndarray, have: str, want: str) -> np.ndarray:
+    """Scores as a route's engine returns them (``have``) -> as the model declares them
+    (``want``): softmax for logits -> probabilities; log for probabilities -> logits (logits
+    are defined up to a constant per row, so log p is a faithful choice)."""
+    if have == want:
+        return batch
+    if want == "probabilities":
+        return to_probabilities(batch, have).astype(np.float32)
+    return np.log(np.clip(np.asarray(batch, dtype=np.float64), np.finfo(np.float32).tiny, None)).astype(np.float32)
+
+
 def top_k(probabilities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and scores of the k best classes per row, best first (ties: lower index)."""
     probabilities = np.asarray(probabilities)

@@ -43,6 +43,14 @@ class ImageError(ValueError):
     """The bytes are not an image we can classify (maps to HTTP 400)."""
 
 
+class SpecError(ValueError):
+    """A preprocessing setting out of range; ``field`` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclass(frozen=True)
 class PreprocessSpec:
     """How one model wants its input tensor built."""
@@ -72,18 +80,19 @@ class PreprocessSpec:
             ("dtype", self.dtype, DTYPES),
         ):
             if value not in allowed:
-                raise ValueError(f"{name}: {value!r} is not one of {sorted(allowed)}")
+                raise SpecError(name, f"expected one of {sorted(allowed)}, got {value!r}")
         if len(self.size) != 2 or min(self.size) < 1 or max(self.size) > 4096:
-            raise ValueError(f"size: {list(self.size)!r} must be [height, width] within 1..4096")
+            raise SpecError("size", f"expected [height, width] within 1..4096, got {list(self.size)!r}")
         if not 0.1 <= self.crop_ratio <= 1.0:
-            raise ValueError(f"crop_ratio: {self.crop_ratio} must be within 0.1..1.0")
+            raise SpecError("crop_ratio", f"expected a value within 0.1..1.0, got {self.crop_ratio!r}")
         if not 0 <= self.pad_value <= 255:
-            raise ValueError(f"pad_value: {self.pad_value} must be within 0..255")
+            raise SpecError("pad_value", f"expected a value within 0..255, got {self.pad_value!r}")
         mean, std = SCALINGS[self.scaling]
         mean = self.mean if self.mean is not None else mean
         std = self.std if self.std is not None else std
         if len(mean) != 3 or len(std) != 3 or any(s == 0 for s in std):
-            raise ValueError("mean/std: need three values each, std non-zero")
+            raise SpecError("std" if len(mean) == 3 else "mean",
+                            f"expected three values each for mean and std, std non-zero, got {mean!r} / {std!r}")
         # x * scale + offset == (x/255 - mean) / std, computed once in float32
         scale = np.array([1.0 / (255.0 * s) for s in std], dtype=np.float32)
         offset = np.array([-m / s for m, s in zip(mean, std)], dtype=np.float32)
@@ -185,8 +194,12 @@ def letterbox_geometry(image_size: tuple[int, int], spec: PreprocessSpec) -> tup
     (scale, left, top, scaled width, scaled height). Model-space x = left + scale * photo x."""
     width, height = image_size
     canvas_h, canvas_w = spec.size
-    scale = min(canvas_w / width, canvas_h / height)
-    new_w, new_h = max(1, int(width * scale)), max(1, int(height * scale))
+    # integer arithmetic: int(width * (canvas_w / width)) is canvas_w - 1 for thousands of widths
+    # (416 / 23 * 23 == 415.99999999999994), which would leave a pad stripe on the fitted side
+    if canvas_w * height <= canvas_h * width:  # the width limits
+        scale, new_w, new_h = canvas_w / width, canvas_w, max(1, canvas_w * height // width)
+    else:
+        scale, new_w, new_h = canvas_h / height, max(1, canvas_h * width // height), canvas_h
     if spec.pad_position == "center":
         left, top = (canvas_w - new_w) // 2, (canvas_h - new_h) // 2
     else:

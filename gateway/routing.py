@@ -21,7 +21,7 @@ class RouteHealth:
 
     @staticmethod
     def _key(route) -> tuple:
-        return (route.model_name, route.name)
+        return (route.model, route.name)
 
     def is_open(self, route) -> bool:
         return self._open_until.get(self._key(route), 0.0) > self.clock()

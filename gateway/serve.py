@@ -33,7 +33,6 @@ def serve(args) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["GATEWAY_WORKERS"] = str(args.workers)
-    os.environ["GATEWAY_CONFIG"] = str(config_path)
 
     from gunicorn.app.base import BaseApplication
 

@@ -1,21 +1,26 @@
-"""The classify pipeline: decode -> preprocess -> route to a backend -> postprocess.
+"""The request pipeline: decode -> preprocess -> route to a backend -> postprocess.
 
-Framework-free (no Flask here) so it can be tested and benchmarked on its own.
+Framework-free (no Flask here) so it can be tested and benchmarked on its own. One place
+(``Gateway.run``) tries a model's routes in order with failover, times the three phases,
+and records the model's metrics for every outcome, as KServe's ``Model.__call__`` does;
+the protocols on top (the JSON API, later others) only read requests and write answers.
 """
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
-from gateway import postprocess
+from gateway import metrics, postprocess
 from gateway.backends.base import Backend
-from gateway.config import GatewayConfig, ModelSettings, Route, backend_class
-from gateway.errors import (BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable,
-                            BadRequest, NotFound)
-from gateway.preprocess import ImageError, decode_image, preprocess_image
+from gateway.config import GatewayConfig, ModelConfig, Route, backend_class
+from gateway.errors import (BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable, BadRequest,
+                            GatewayError, NotFound, all_routes_failed)
+from gateway.preprocess import ImageError, PreprocessSpec, decode_image, preprocess_image
 from gateway.routing import RouteHealth
 
 log = logging.getLogger("gateway")
@@ -23,32 +28,49 @@ READY_TTL_S = 1.0
 
 
 @dataclass
-class Classification:
-    model: ModelSettings
+class Answer:
+    """What one route answered, already postprocessed, and how long each phase took."""
+
+    model: ModelConfig
     route: Route
-    predictions: list[list[dict]]
+    results: Any
     timings_ms: dict[str, float]
 
+
+@dataclass
+class Classification(Answer):
     def to_dict(self) -> dict:
         return {
             "model": self.model.name,
             "backend": self.route.backend,
             "route": self.route.name,
             "weights": self.model.weights,
-            "results": [{"predictions": p} for p in self.predictions],
+            "results": [{"predictions": p} for p in self.results],
             "timings_ms": self.timings_ms,
         }
 
 
+def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
+    """A preprocessed (N, ...) batch in ``layout`` -> the layout and dtype ``spec`` says; a 400
+    naming the expected shape when the images do not have the spec's size and channels."""
+    height, width = spec.size
+    expected = (3, height, width) if layout == "NCHW" else (height, width, 3)
+    if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
+        raise BadRequest(f"expected a batch of shape [N, {', '.join(map(str, expected))}] ({layout}), "
+                         f"got {list(batch.shape)}", code="invalid_shape")
+    if layout != spec.layout:
+        batch = batch.transpose((0, 2, 3, 1) if layout == "NCHW" else (0, 3, 1, 2))
+    return np.ascontiguousarray(batch, dtype=np.dtype(spec.dtype))
+
+
 class Gateway:
-    def __init__(self, config: GatewayConfig):
+    def __init__(self, config: GatewayConfig, backends: dict[str, Backend] | None = None,
+                 health: RouteHealth | None = None):
+        """``backends`` replaces the engines the config names (tests inject doubles here)."""
         self.config = config
-        self.backends: dict[str, Backend] = {}
-        for name, settings in config.backends.items():
-            backend = backend_class(settings.kind)(settings)
-            backend.root = config.root
-            self.backends[name] = backend
-        self.health = RouteHealth()
+        self.backends: dict[str, Backend] = backends if backends is not None else {
+            name: backend_class(settings.kind)(name, settings) for name, settings in config.backends.items()}
+        self.health = health or RouteHealth()
         self._ready_cache: dict[tuple, tuple[float, bool]] = {}
 
     def load(self) -> None:
@@ -65,7 +87,7 @@ class Gateway:
             backend.close()
 
     # -- lookups -----------------------------------------------------------------------
-    def model(self, name: str | None) -> ModelSettings:
+    def model(self, name: str | None) -> ModelConfig:
         name = name or self.config.server.default_model
         try:
             return self.config.models[name]
@@ -73,23 +95,27 @@ class Gateway:
             raise NotFound(f"unknown model {name!r}; known models: {', '.join(sorted(self.config.models))}",
                            code="unknown_model") from None
 
-    def routes(self, model: ModelSettings, forced: str | None) -> list[Route]:
-        if forced is None:
+    def routes(self, model: ModelConfig, route: str | None = None, backend: str | None = None) -> list[Route]:
+        """The routes to try in order: all of them, or the one forced by its name (``route``),
+        by its backend (``backend``, which may also name a route), or by both."""
+        if route is None and backend is None:
             return list(model.routes)
-        by_name = [r for r in model.routes if r.name == forced]
-        by_backend = [r for r in model.routes if r.backend == forced]
-        if by_name or by_backend:
-            return (by_name or by_backend)[:1]
-        if forced in self.backends:
-            raise NotFound(f"model {model.name!r} has no route to backend {forced!r}; routes: "
-                           f"{', '.join(r.name for r in model.routes)}", code="unknown_backend")
-        raise NotFound(f"unknown backend {forced!r}; model {model.name!r} routes: "
-                       f"{', '.join(r.name for r in model.routes)}", code="unknown_backend")
+        chosen = list(model.routes)
+        if route is not None:
+            chosen = [r for r in chosen if r.name == route]
+        if backend is not None:
+            chosen = [r for r in chosen if r.backend == backend] or \
+                     ([r for r in chosen if r.name == backend] if route is None else [])
+        if chosen:
+            return chosen[:1]
+        asked = " on ".join(f"{k} {v!r}" for k, v in (("route", route), ("backend", backend)) if v is not None)
+        raise NotFound(f"model {model.name!r} has no {asked}; its routes: "
+                       + ", ".join(f"{r.name} ({r.backend})" for r in model.routes), code="unknown_backend")
 
     def route_ready(self, route: Route) -> bool:
         """The backend's answer, reused for READY_TTL_S: probes (/readyz, listings) polled by
         orchestrators must not turn into a stream of calls to every backend."""
-        key = (route.model_name, route.name)
+        key = (route.model, route.name)
         now = time.monotonic()
         cached = self._ready_cache.get(key)
         if cached and now - cached[0] < READY_TTL_S:
@@ -97,13 +123,13 @@ class Gateway:
         try:
             ready = bool(self.backends[route.backend].ready(route))
         except Exception as exc:  # readiness is a question; it must never fail the caller
-            log.warning("readiness check of %s/%s failed: %s", route.model_name, route.name, exc)
+            log.warning("readiness check of %s/%s failed: %s", route.model, route.name, exc)
             ready = False
         self._ready_cache[key] = (now, ready)
         return ready
 
     # -- the pipeline ----------------------------------------------------------------------
-    def decode(self, images: list[bytes], model: ModelSettings):
+    def decode(self, images: list[bytes], model: ModelConfig) -> list:
         """Decode every image once (JPEG draft mode sized for the most demanding route)."""
         if not images:
             raise BadRequest("the request holds no image", code="no_image")
@@ -122,21 +148,83 @@ class Gateway:
         return decoded
 
     def classify(self, model_name: str | None, images: list[bytes], top_k: int | None = None,
-                 backend: str | None = None) -> Classification:
-        started = time.perf_counter()
+                 route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Classification:
         model = self.model(model_name)
-        routes = self.routes(model, backend)
-        k = top_k or self.config.server.default_top_k
-        if not 1 <= k <= len(model.labels):
-            raise BadRequest(f"top_k must be between 1 and {len(model.labels)}, got {k}", code="invalid_parameter")
-        decoded = self.decode(images, model)
-        decode_ms = (time.perf_counter() - started) * 1e3
+        with self.observed(model, count=len(images), protocol=protocol) as outcome:
+            k = top_k or self.config.server.default_top_k
+            if not 1 <= k <= len(model.labels):
+                raise BadRequest(f"top_k must be between 1 and {len(model.labels)}, got {k}",
+                                 code="invalid_parameter")
+            started = time.perf_counter()
+            decoded = self.decode(images, model)
+            forced = route is not None or backend is not None
+            answer = self.run(model, self.routes(model, route, backend), forced=forced, started=started,
+                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
+                              finish=lambda r, raw: postprocess.predictions(raw, r.output, model.labels, k))
+            outcome["backend"] = answer.route.backend
+            return Classification(**vars(answer))
 
-        batches: dict = {}  # routes sharing a preprocessing spec share the tensor
-        failures: list[BackendError] = []
-        candidates = routes if backend else self.health.order(routes)
+    def infer_images(self, model_name: str | None, images: list[bytes], route: str | None = None,
+                     backend: str | None = None, protocol: str = "rest") -> Answer:
+        """Encoded images -> the model's raw scores (N, classes) in the meaning the model
+        declares (``model.output``), preprocessed as each route needs."""
+        model = self.model(model_name)
+        with self.observed(model, count=len(images), protocol=protocol) as outcome:
+            started = time.perf_counter()
+            decoded = self.decode(images, model)
+            answer = self.run(model, self.routes(model, route, backend), forced=route is not None or backend is not None,
+                              started=started,
+                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
+                              finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
+            outcome["backend"] = answer.route.backend
+            return answer
+
+    def infer_tensor(self, model_name: str | None, batch: np.ndarray, layout: str | None = None,
+                     route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Answer:
+        """A batch already preprocessed as the model declares it (``model.preprocess``; ``layout``
+        may say NCHW/NHWC instead) -> the model's raw scores in the model's meaning. Each route
+        gets the layout and dtype its engine takes; the backends split batches above their limit."""
+        model = self.model(model_name)
+        layout = layout or model.preprocess.layout
+        with self.observed(model, count=len(batch), protocol=protocol) as outcome:
+            answer = self.run(model, self.routes(model, route, backend), forced=route is not None or backend is not None,
+                              prepare=lambda r: conform(batch, layout, r.preprocess),
+                              finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
+            outcome["backend"] = answer.route.backend
+            return answer
+
+    @contextmanager
+    def observed(self, model: ModelConfig, count: int, protocol: str = "rest") -> Iterator[dict]:
+        """Count one request (and its images) under the status it ends with, whatever it is.
+        The caller sets ``outcome["backend"]`` once a route answered."""
+        started = time.perf_counter()
+        outcome = {"backend": "none"}
+        try:
+            yield outcome
+        except GatewayError as exc:
+            metrics.REQUESTS.labels(model.name, getattr(exc, "backend", "none"), str(exc.status), protocol).inc()
+            raise
+        except Exception:
+            metrics.REQUESTS.labels(model.name, "none", "500", protocol).inc()
+            raise
+        backend = outcome["backend"]
+        metrics.REQUESTS.labels(model.name, backend, "200", protocol).inc()
+        metrics.IMAGES.labels(model.name, backend).inc(count)
+        metrics.LATENCY.labels(model.name, backend).observe(time.perf_counter() - started)
+
+    def run(self, model: ModelConfig, routes: list[Route], forced: bool, prepare: Callable[[Route], np.ndarray],
+            finish: Callable[[Route, np.ndarray], Any], started: float | None = None) -> Answer:
+        """Try ``routes`` in order (breaker-aware unless forced): ``prepare`` builds the route's
+        input batch (shared by routes with the same preprocessing), the backend infers,
+        ``finish`` turns its raw output into results. Unavailable and timed-out routes fail
+        over to the next; a rejected input or a bad answer does not. ``started`` is when the
+        request's own work (decoding) began: it counts as preprocessing."""
+        begun = time.perf_counter()
+        started = begun if started is None else started
         deadline = started + self.config.server.request_timeout_s
-        for route in candidates:
+        batches: dict = {}
+        failures: list[BackendError] = []
+        for route in routes if forced else self.health.order(routes):
             t0 = time.perf_counter()
             if t0 > deadline:  # failover must not outlive the request's time budget
                 failures.append(BackendTimeout(route.backend, "not tried: the request timeout "
@@ -144,8 +232,7 @@ class Gateway:
                 break
             batch = batches.get(route.preprocess)
             if batch is None:
-                batch = batches[route.preprocess] = np.stack([preprocess_image(im, route.preprocess)
-                                                              for im in decoded])
+                batch = batches[route.preprocess] = prepare(route)
             t1 = time.perf_counter()
             try:
                 raw = self.backends[route.backend].infer(route, batch)
@@ -157,22 +244,12 @@ class Gateway:
             self.health.succeeded(route)
             t2 = time.perf_counter()
             try:
-                preds = postprocess.predictions(raw, route.output, model.labels, k)
+                results = finish(route, raw)
             except ValueError as exc:
                 raise BackendBadResponse(route.backend, str(exc)) from None
-            if len(preds) != len(images):
-                raise BackendBadResponse(route.backend, f"answered {len(preds)} results for {len(images)} images")
             t3 = time.perf_counter()
-            timings = {"preprocess": decode_ms + (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
-                       "postprocess": (t3 - t2) * 1e3, "total": (t3 - started) * 1e3}
-            return Classification(model, route, preds, {name: round(ms, 3) for name, ms in timings.items()})
-        raise self._all_failed(model, failures)
-
-    @staticmethod
-    def _all_failed(model: ModelSettings, failures: list[BackendError]) -> BackendError:
-        if len(failures) == 1:
-            return failures[0]
-        last = failures[-1]  # its status (503 or 504) and backend stand for the whole request
-        err = type(last)(last.backend, "")
-        err.message = f"every route of model {model.name!r} failed: " + "; ".join(f.message for f in failures)
-        return err
+            metrics.INFERENCE.labels(model.name, route.backend).observe(t2 - t1)
+            timings = {"preprocess": (begun - started) + (t1 - t0), "inference": t2 - t1,
+                       "postprocess": t3 - t2, "total": t3 - started}
+            return Answer(model, route, results, {k: round(v * 1e3, 3) for k, v in timings.items()})
+        raise all_routes_failed(model.name, failures)

@@ -1,22 +1,32 @@
-"""Shared fixtures: real gateway processes (gunicorn) and the test photos.
+"""Shared fixtures: the app in process (most API tests), a few real gateway processes
+(gunicorn, for what only a socket shows), the real Triton and TorchServe servers, photos.
 
-``start_gateway(config)`` runs ``gateway serve`` exactly as a user would, on a free
-loopback port, and stops it at the end of the session.
+``make_api(config)`` builds the Flask app on a config dict (or the repository's
+gateway.yaml) and returns a ``helpers.Api``; ``start_gateway(config)`` runs ``gateway
+serve`` exactly as a user would, on a free loopback port, stopped at the end of the session.
 """
 from __future__ import annotations
 
 import copy
-import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
 import uuid
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
+from gateway.config import GatewayConfig, load_config, parse_config
 from gateway.servers.local_gateway import LocalGateway, free_port  # noqa: F401 (re-exported)
+from helpers import Api, jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_DIR = ROOT / "run" / "tests"
+_DEFAULT_CONFIG = yaml.safe_load((ROOT / "gateway.yaml").read_text())
 
 
 def load_yaml_config() -> dict:
@@ -24,7 +34,9 @@ def load_yaml_config() -> dict:
     return copy.deepcopy(_DEFAULT_CONFIG)
 
 
-_DEFAULT_CONFIG = yaml.safe_load((ROOT / "gateway.yaml").read_text())
+def config_of(data: dict | None = None) -> GatewayConfig:
+    """A validated config from a dict (relative paths against the repository), or gateway.yaml."""
+    return load_config(ROOT / "gateway.yaml") if data is None else parse_config(copy.deepcopy(data), ROOT)
 
 
 def write_config(config: dict | Path) -> Path:
@@ -46,6 +58,54 @@ def write_config(config: dict | Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def make_api():
+    """Factory: make_api(config dict | GatewayConfig | None, backends=None) -> helpers.Api."""
+    from gateway.app import create_app
+    from gateway.service import Gateway
+
+    made = []
+
+    def make(config=None, backends: dict | None = None) -> Api:
+        if not isinstance(config, GatewayConfig):
+            config = config_of(config)
+        gateway = Gateway(config, backends=backends)
+        gateway.load()
+        made.append(gateway)
+        return Api(create_app(config, gateway))
+
+    yield make
+    for gateway in made:
+        gateway.close()
+
+
+@pytest.fixture(scope="session")
+def api(make_api) -> Api:
+    """The app on the repository's gateway.yaml (embedded backend first)."""
+    return make_api()
+
+
+@pytest.fixture(scope="session")
+def serve_api():
+    """Factory: serve_api(api) -> base URL of a threaded werkzeug server on that app, for
+    clients that need a URL (batch, the CLI) without the cost of a gateway process."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    servers = []
+
+    def serve(api: Api) -> str:
+        server = make_server("127.0.0.1", 0, api.app, threaded=True)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    yield serve
+    for server in servers:
+        server.shutdown()
+
+
 class GatewayProcess(LocalGateway):
     """A real `gateway serve` on a config dict (written under run/tests/) or file."""
 
@@ -61,7 +121,7 @@ class GatewayProcess(LocalGateway):
 
 @pytest.fixture(scope="session")
 def start_gateway():
-    """Factory: start_gateway(config: dict | Path, workers=1) -> base URL."""
+    """Factory: start_gateway(config: dict | Path, workers=1) -> base URL of a real process."""
     started: list[GatewayProcess] = []
 
     def start(config: dict | Path = ROOT / "gateway.yaml", workers: int = 1, threads: int = 4) -> str:
@@ -69,17 +129,21 @@ def start_gateway():
         started.append(proc)
         return proc.url
 
-    start.processes = started
     yield start
     for proc in started:
         proc.stop()
 
 
 @pytest.fixture(scope="session")
+def gateway_url(start_gateway) -> str:
+    """A real gateway process on the default gateway.yaml, 2 workers like `make serve`."""
+    return start_gateway(ROOT / "gateway.yaml", workers=2)
+
+
+@pytest.fixture(scope="session")
 def triton_server():
     """The real tritonserver on gateway.yaml's ports, started once; one already started by
     `gateway backends up` is reused and kept. A test that stops it starts it again."""
-    from gateway.config import load_config
     from gateway.servers import triton as launcher
 
     config = load_config(ROOT / "gateway.yaml")
@@ -94,7 +158,6 @@ def triton_server():
 @pytest.fixture(scope="session")
 def torchserve_server():
     """The real TorchServe on gateway.yaml's ports, started once and stopped at the end."""
-    from gateway.config import load_config
     from gateway.servers import torchserve as launcher
 
     config = load_config(ROOT / "gateway.yaml")
@@ -104,18 +167,59 @@ def torchserve_server():
     assert not launcher.status(config)["running"]
 
 
+V2_MODEL = textwrap.dedent("""
+    import sys, tensorflow as tf
+    class M(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 224, 224, 3], tf.float32, name="input_1")])
+        def serve(self, input_1):
+            n = tf.shape(input_1)[0]
+            logits = tf.one_hot(tf.fill([n], 7), 1000) * 10.0 + tf.reduce_mean(input_1) * 0.0
+            return {"predictions": tf.nn.softmax(logits)}
+    m = M()
+    tf.saved_model.save(m, sys.argv[1], signatures={"serving_default": m.serve})
+""")
+
+
 @pytest.fixture(scope="session")
-def gateway_url(start_gateway) -> str:
-    """The gateway on the default gateway.yaml (embedded backend first), 2 workers like `make serve`."""
-    return start_gateway(ROOT / "gateway.yaml", workers=2)
+def tfserving_models(tmp_path_factory):
+    """tfmobilenet/1 = the real SavedModel; tfmobilenet/2 = a tiny model that always says class 7;
+    efficientnet_lite0/1 = the real SavedModel (gateway.yaml routes it to TF Serving too)."""
+    models = tmp_path_factory.mktemp("tfserving_models")
+    (models / "tfmobilenet").mkdir()
+    os.symlink(ROOT / "tfserving/models/tfmobilenet/1", models / "tfmobilenet" / "1")
+    (models / "efficientnet_lite0").mkdir()
+    os.symlink(ROOT / "tfserving/models/efficientnet_lite0/1", models / "efficientnet_lite0" / "1")
+    subprocess.run([sys.executable, "-c", V2_MODEL, str(models / "tfmobilenet" / "2")], check=True,
+                   capture_output=True, timeout=180)
+    return models
 
 
-def jpeg_bytes(array, quality: int = 95) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+@pytest.fixture(scope="session")
+def tfserving_double(tfserving_models):
+    """The TF Serving TEST DOUBLE (tests/tfserving_double.py: real SavedModels in real TensorFlow,
+    TF Serving's REST and gRPC shapes) on tfserving_models: (REST URL, gRPC port)."""
+    port, grpc_port = free_port(), free_port()
+    (ROOT / "run" / "tests").mkdir(parents=True, exist_ok=True)
+    log = open(ROOT / "run" / "tests" / "tfserving_double.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests/tfserving_double.py"), "--models-dir",
+                             str(tfserving_models), "--port", str(port), "--grpc-port", str(grpc_port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"{url}/v1/models/tfmobilenet", timeout=1).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail(f"TF Serving double did not start: {(ROOT / 'run/tests/tfserving_double.log').read_text()[-2000:]}")
+    yield url, grpc_port
+    proc.terminate()
+    proc.wait(10)
+    log.close()
 
 
 @pytest.fixture(scope="session")
@@ -136,19 +240,3 @@ def coffee_jpeg() -> bytes:
 def photos(chelsea_jpeg, coffee_jpeg) -> list[bytes]:
     """[chelsea, coffee] as JPEG: a cat and an espresso."""
     return [chelsea_jpeg, coffee_jpeg]
-
-
-def route_of(gw, model: str, name: str):
-    """The route called ``name`` of a gateway model."""
-    return next(r for r in gw.config.models[model].routes if r.name == name)
-
-
-def preprocessed(gw, model: str, name: str, photos: list[bytes]):
-    """(route, batch): photos decoded and preprocessed exactly as the gateway does for that route."""
-    import numpy as np
-
-    from gateway.preprocess import preprocess_image
-
-    r = route_of(gw, model, name)
-    images = gw.decode(photos, gw.config.models[model])
-    return r, np.stack([preprocess_image(im, r.preprocess) for im in images])

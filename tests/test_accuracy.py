@@ -11,9 +11,10 @@ float noise of each other on some CPU.
 """
 import pytest
 import requests
+import yaml
 
 from conftest import ROOT
-from gateway.config import load_config
+from gateway.config import load_config, parse_config
 from gateway.evaluation import agreement, evaluate_route, in_process_classifier, read_labels
 from gateway.service import Gateway
 
@@ -55,10 +56,6 @@ def test_efficientnet_lite0_scores_on_labelled_photos(reference):
 def test_the_old_preprocessing_scores_lower(labelled, reference):
     """The suite can see a wrong preprocessing: ImageNet mean/std with a stretch (the old
     configuration) loses at least 0.1 top-1 on the same photos."""
-    import yaml
-
-    from gateway.config import parse_config
-
     data = yaml.safe_load((ROOT / "gateway.yaml").read_text())
     data["models"]["efficientnet_lite0"]["preprocess"] = {"size": [224, 224], "resize": "stretch",
                                                           "scaling": "imagenet"}
@@ -68,12 +65,24 @@ def test_the_old_preprocessing_scores_lower(labelled, reference):
     assert wrong["top1"] <= reference["efficientnet_lite0"]["top1"] - 0.1
 
 
-@pytest.mark.parametrize("route", ["triton", "torchserve"])
-def test_real_engines_agree_with_embedded_and_score(route, request, labelled, reference):
-    config = request.getfixturevalue(f"{route}_server")
-    gw = Gateway(config)
+SERVERS = {"triton": "triton_server", "triton-tf": "triton_server", "torchserve": "torchserve_server",
+           "tfserving": "tfserving_double"}
+
+
+@pytest.mark.parametrize("route", list(SERVERS))
+def test_every_route_agrees_with_embedded_and_scores(route, request, labelled, reference):
+    """Every route of gateway.yaml that runs here: real Triton (TorchScript and TF SavedModel),
+    real TorchServe, and TF Serving as its TEST DOUBLE (no TF Serving binary exists here)."""
+    server = request.getfixturevalue(SERVERS[route])
+    data = yaml.safe_load((ROOT / "gateway.yaml").read_text())
+    if route == "tfserving":
+        data["backends"]["tfserving"]["url"] = server[0]
+        for r in data["models"]["mobilenet_v2"]["routes"]:
+            if r["backend"] == "tfserving":
+                r["version"] = 1  # the double's version 2 is a stub that always answers class 7
+    gw = Gateway(parse_config(data, ROOT))
     gw.load()
-    for model in ("efficientnet_lite0", "mobilenet_v2"):
+    for model in ("efficientnet_lite0", "mobilenet_v2"):  # mobilenet_v2's routes all share its weights
         result = evaluate(gw, model, route, labelled)
         assert not result["errors"], result["errors"][:2]
         assert agreement(result, reference[model]) >= AGREEMENT, model

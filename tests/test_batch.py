@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from conftest import ROOT
+from helpers import CAT
 from gateway.batch import list_inputs, load_done, run_batch, shard
 
-CAT = {281, 282, 285}
 
 
 @pytest.fixture(scope="module")

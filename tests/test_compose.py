@@ -55,7 +55,7 @@ def test_compose_ports_agree_with_gateway_yaml_and_the_compose_gateway_config():
         assert ports[MAIN_PORT[name]] == urlparse(local.backends[name].url).port == MAIN_PORT[name]
         url = urlparse(inside.backends[name].url)
         assert url.hostname == name and url.port == MAIN_PORT[name]
-    ts_management = urlparse(inside.backends["torchserve"].options["management_url"])
+    ts_management = urlparse(inside.backends["torchserve"].management)
     assert (ts_management.hostname, ts_management.port) == ("torchserve", 8081) and 8081 in host_ports(
         STACK["services"]["torchserve"])
     assert "--port" in STACK["services"]["gateway"]["command"]
@@ -71,7 +71,7 @@ def test_compose_gateway_config_serves_the_same_models_and_routes():
     assert inside.models.keys() == local.models.keys()
     for name, model in local.models.items():
         assert [(r.name, r.model) for r in inside.models[name].routes] == [(r.name, r.model) for r in model.routes]
-    assert inside.path(inside.backends["embedded"].options["model_dir"]).resolve() == (ROOT / "onnx").resolve()
+    assert inside.backends["embedded"].model_dir.resolve() == (ROOT / "onnx").resolve()
 
 
 def test_compose_docker_launcher_uses_the_compose_services():

@@ -19,7 +19,8 @@ def test_default_config_is_valid_and_complete():
     mobilenet = config.models["mobilenet_v2"]
     assert mobilenet.routes[0].backend == "embedded"
     tf_route = next(r for r in mobilenet.routes if r.name == "triton-tf")
-    assert tf_route.preprocess.layout == "NHWC" and tf_route.preprocess.scaling == "tf"
+    # the torch weights converted to TF: the model's own scaling, only in NHWC
+    assert tf_route.preprocess.layout == "NHWC" and tf_route.preprocess.scaling == mobilenet.preprocess.scaling
     assert tf_route.preprocess.size == (224, 224)  # inherited from the model
     assert tf_route.output == "probabilities"
     assert len(mobilenet.labels) == 1000 and mobilenet.labels[285] == "Egyptian cat"
@@ -68,7 +69,7 @@ def test_bad_key_or_value_is_named(path, value, named):
 
 
 def test_top_level_and_type_errors():
-    with pytest.raises(ConfigError, match="<top level>.extra"):
+    with pytest.raises(ConfigError, match=r"^extra: unknown key \(allowed: server, backends, models\), got 1"):
         parse({**load_yaml_config(), "extra": 1})
     with pytest.raises(ConfigError, match="backends: expected a mapping"):
         parse({**load_yaml_config(), "backends": [1, 2]})
@@ -100,3 +101,48 @@ def test_yaml_syntax_error_is_reported(tmp_path):
     path.write_text("server: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("backends.tfserving.protocol", "soap", "backends.tfserving.protocol: expected 'rest' or 'grpc', got 'soap'"),
+    ("backends.triton.timeout_s", "30", "backends.triton.timeout_s: input should be a valid number, got '30'"),
+    ("backends.embedded.intra_op_threads", -1,
+     "backends.embedded.intra_op_threads: input should be greater than or equal to 0, got -1"),
+    ("models.efficientnet_lite0.preprocess.resize", "zoom",
+     "models.efficientnet_lite0.preprocess.resize: expected one of ['center_crop', 'letterbox', 'stretch'], got 'zoom'"),
+    ("server.colour", "blue", "server.colour: unknown key (allowed: default_model, default_top_k"),
+])
+def test_errors_name_the_key_what_was_expected_and_what_was_given(path, value, message):
+    """Before the backend kinds declared typed settings, a bad protocol was a ValueError at
+    worker boot and messages glued the location to Python's text ("...preprocess.invalid literal")."""
+    with pytest.raises(ConfigError) as info:
+        parse(mutate(path, value))
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_renamed_keys_still_work_with_a_deprecation_message():
+    data = load_yaml_config()
+    route = data["models"]["mobilenet_v2"]["routes"][1]
+    route["model"] = route.pop("backend_model")
+    route["input"] = "input__0"
+    data["backends"]["torchserve"]["max_batch"] = 4
+    config = parse(data)
+    assert config.models["mobilenet_v2"].routes[1].backend_model == "torchmobilenet"
+    assert config.models["mobilenet_v2"].routes[1].input_name == "input__0"
+    assert config.backends["torchserve"].max_batch_size == 4
+    assert config.deprecations == (
+        "backends.torchserve.max_batch is deprecated: call it max_batch_size",
+        "models.mobilenet_v2.routes[1].model is deprecated: call it backend_model",
+        "models.mobilenet_v2.routes[1].input is deprecated: call it input_name")
+
+
+def test_paths_resolve_against_the_config_file_and_extends_merges(tmp_path):
+    (tmp_path / "key_file.json").write_text("{}")
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {ROOT / 'gateway.yaml'}\n"
+                     "backends:\n  torchserve:\n    token_file: key_file.json\n  embedded:\n    model_dir: models\n")
+    config = load_config(child)
+    assert config.backends["torchserve"].token_file == tmp_path / "key_file.json"
+    assert config.backends["embedded"].model_dir == tmp_path / "models"
+    assert config.backends["torchserve"].url == "http://127.0.0.1:8080"  # from the base file
+    assert set(config.models) == {"efficientnet_lite0", "mobilenet_v2"}

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 from conftest import ROOT
+from helpers import CAT, COFFEE
 from gateway.export import build as export_build
 from gateway.export import mobilenet_v2
 from gateway.export.build import build_models, export_onnx, export_torchscript, verify_exports
 from gateway.postprocess import softmax
 from gateway.preprocess import PreprocessSpec, preprocess_bytes
 
-CAT, COFFEE = {281, 282, 285}, {967, 968, 504}
 
 
 def onnx_logits(name: str, x: np.ndarray) -> np.ndarray:
@@ -27,32 +27,33 @@ def onnx_logits(name: str, x: np.ndarray) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def photos(chelsea_jpeg, coffee_jpeg):
+def photo_batch(chelsea_jpeg, coffee_jpeg):
+    """chelsea and coffee as one NCHW float32 batch (ImageNet scaling, stretched to 224)."""
     spec = PreprocessSpec()
     return np.stack([preprocess_bytes(chelsea_jpeg, spec), preprocess_bytes(coffee_jpeg, spec)])
 
 
-def test_efficientnet_onnx_knows_cats_and_coffee(photos):
-    top1 = onnx_logits("efficientnet_lite0", photos).argmax(axis=1)
+def test_efficientnet_onnx_knows_cats_and_coffee(photo_batch):
+    top1 = onnx_logits("efficientnet_lite0", photo_batch).argmax(axis=1)
     assert top1[0] in CAT and top1[1] in COFFEE
 
 
 @pytest.mark.parametrize("onnx_name,torchscript", [("efficientnet_lite0", "efficientnet_lite0"),
                                                    ("mobilenet_v2", "torchmobilenet")])
-def test_onnx_and_torchscript_agree(photos, onnx_name, torchscript):
+def test_onnx_and_torchscript_agree(photo_batch, onnx_name, torchscript):
     scripted = torch.jit.load(str(ROOT / "model_repository" / torchscript / "1" / "model.pt"))
     with torch.no_grad():
-        ts = softmax(scripted(torch.from_numpy(photos)).numpy())
-    ox = softmax(onnx_logits(onnx_name, photos))
+        ts = softmax(scripted(torch.from_numpy(photo_batch)).numpy())
+    ox = softmax(onnx_logits(onnx_name, photo_batch))
     np.testing.assert_array_equal(np.argsort(-ts)[:, :5], np.argsort(-ox)[:, :5])
     np.testing.assert_allclose(ts, ox, atol=1e-4)
 
 
 @pytest.mark.parametrize("torchscript", ["efficientnet_lite0", "torchmobilenet"])
-def test_torchscript_batch_axis_is_dynamic(photos, torchscript):
+def test_torchscript_batch_axis_is_dynamic(photo_batch, torchscript):
     """Traced with batch 2: batch 1 and batch 3 must give the same per-image answers."""
     scripted = torch.jit.load(str(ROOT / "model_repository" / torchscript / "1" / "model.pt"))
-    batch3 = torch.from_numpy(np.concatenate([photos, photos[:1]]))
+    batch3 = torch.from_numpy(np.concatenate([photo_batch, photo_batch[:1]]))
     with torch.no_grad():
         together = scripted(batch3).numpy()
         alone = np.concatenate([scripted(batch3[i:i + 1]).numpy() for i in range(3)])
@@ -60,17 +61,17 @@ def test_torchscript_batch_axis_is_dynamic(photos, torchscript):
     np.testing.assert_allclose(alone, together, atol=1e-4)
 
 
-def test_random_mobilenet_answers_depend_on_the_image(photos):
+def test_random_mobilenet_answers_depend_on_the_image(photo_batch):
     manifest = json.loads((ROOT / "artifacts.json").read_text())
     if manifest["models"]["mobilenet_v2"]["torch_weights"] != "random":
         pytest.skip("mobilenet_v2 was built with ImageNet weights: the random-weight calibration is not in use")
-    probs = softmax(onnx_logits("mobilenet_v2", photos))
+    probs = softmax(onnx_logits("mobilenet_v2", photo_batch))
     assert probs.max() > 0.01  # not the flat ~0.001 of un-calibrated random weights
     assert probs[0].argmax() != probs[1].argmax()
 
 
 def test_savedmodel_has_the_seed_signature(tmp_path, chelsea_jpeg, coffee_jpeg):
-    spec = PreprocessSpec(scaling="tf", layout="NHWC")
+    spec = PreprocessSpec(layout="NHWC")  # the torch model's preprocessing: its weights, converted
     np.save(tmp_path / "x.npy", np.stack([preprocess_bytes(chelsea_jpeg, spec), preprocess_bytes(coffee_jpeg, spec)]))
     code = (
         "import os; os.environ['TF_CPP_MIN_LOG_LEVEL']='3'\n"
@@ -94,8 +95,8 @@ def test_savedmodel_has_the_seed_signature(tmp_path, chelsea_jpeg, coffee_jpeg):
     probs = np.array(tfserving["probs"])
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
     np.testing.assert_allclose(np.array(triton["probs"]), probs, atol=1e-6)  # same model in both layouts
-    keras_weights = json.loads((ROOT / "artifacts.json").read_text())["models"]["mobilenet_v2"]["keras_weights"]
-    if keras_weights == "random":  # calibrated: image-dependent answers, not a flat 0.001
+    weights = json.loads((ROOT / "artifacts.json").read_text())["models"]["mobilenet_v2"]["weights"]
+    if weights == "random":  # calibrated: image-dependent answers, not a flat 0.001
         assert probs.max() > 0.01 and probs[0].argmax() != probs[1].argmax()
 
 
@@ -157,17 +158,22 @@ def test_export_functions_on_a_tiny_model(tmp_path):
 
 def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_path, monkeypatch):
     """A rebuild without --force replaces random mobilenet_v2 weights when torchvision's file
-    is in torch.hub's cache (how a download that once succeeded looks offline)."""
+    is in torch.hub's cache (how a download that once succeeded looks offline), and the TF
+    twin follows: it is reconverted from the new ONNX file."""
     root = tmp_path / "repo"
     for rel in ("onnx/efficientnet_lite0.onnx", "model_repository/efficientnet_lite0/1/model.pt",
-                "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1"):
+                "model_repository/efficientnet_lite0_tf/1/model.savedmodel", "tfserving/models/efficientnet_lite0/1",
+                "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1",
+                "onnx/yolox_nano.onnx", "model_repository/yolox_nano/1/model.onnx"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(ROOT / rel)
     for rel in ("onnx/mobilenet_v2.onnx", "model_repository/torchmobilenet/1/model.pt"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, root / rel)
-    (root / "artifacts.json").write_text(json.dumps({"models": {"mobilenet_v2": {
-        "torch_weights": "random", "keras_weights": "random"}}}))
+    built = json.loads((ROOT / "artifacts.json").read_text())["models"]
+    (root / "artifacts.json").write_text(json.dumps({"models": {
+        "efficientnet_lite0": {"savedmodel": built["efficientnet_lite0"]["savedmodel"]},
+        "mobilenet_v2": {"torch_weights": "random", "savedmodel": built["mobilenet_v2"]["savedmodel"]}}}))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setattr(export_build, "_torchserve_archives", lambda *a: [])  # double: no .mar files here
@@ -182,9 +188,13 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
     torch.save(published.state_dict(), cached)
     lines.clear()
     manifest = build_models(root, log=lines.append)
-    assert [line.split()[1] for line in lines if line.startswith("build")] == ["onnx/mobilenet_v2.onnx,"], lines
+    assert [line.split()[1] for line in lines if line.startswith("build")] == \
+        ["onnx/mobilenet_v2.onnx,", "model_repository/tfmobilenet/1/model.savedmodel,"], lines
     mob = manifest["models"]["mobilenet_v2"]
-    assert (mob["torch_weights"], mob["keras_weights"], mob["weights"]) == ("imagenet", "random", "random")
+    assert (mob["torch_weights"], mob["weights"]) == ("imagenet", "imagenet")
+    new_onnx = (root / "onnx/mobilenet_v2.onnx").read_bytes()
+    assert mob["savedmodel"]["onnx_sha256"] == hashlib.sha256(new_onnx).hexdigest()
+    assert not (root / "tfserving/models/tfmobilenet/1").is_symlink()  # a new SavedModel replaced the link
     x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
     with torch.no_grad():
         expected = published(torch.from_numpy(x)).numpy()
@@ -203,11 +213,11 @@ def test_rebuild_is_a_noop_and_manifest_names_weights(capsys, monkeypatch):
     assert main(["models", "build", "--config", str(ROOT / "gateway.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not any(line.startswith("build") for line in lines), lines
-    assert sum(line.startswith("keep") for line in lines) == 3, lines
+    assert sum(line.startswith("keep") for line in lines) == 5, lines  # efficientnet, mobilenet: torch, TF; yolox
     assert {p: p.stat().st_mtime_ns for p in before} == before
     manifest = json.loads((ROOT / "artifacts.json").read_text())
     assert manifest["models"]["efficientnet_lite0"]["weights"] == "imagenet"
     mob = manifest["models"]["mobilenet_v2"]
-    assert mob["torch_weights"] in {"random", "imagenet"} and mob["keras_weights"] in {"random", "imagenet"}
-    assert mob["weights"] == ("imagenet" if mob["torch_weights"] == mob["keras_weights"] == "imagenet" else "random")
+    assert mob["torch_weights"] in {"random", "imagenet"} and "keras_weights" not in mob
+    assert mob["weights"] == mob["torch_weights"]  # the TF twin is converted from the torch model
     assert all((ROOT / f).exists() for entry in manifest["models"].values() for f in entry["files"])

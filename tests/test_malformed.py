@@ -1,29 +1,18 @@
 """A malformed-input corpus (every case a 4xx JSON error, never a 5xx), unusual-but-valid
-images (all 200), API-key auth, the OpenAPI description and property-based fuzzing."""
-import base64
+images (all 200), API-key auth, the OpenAPI description and property-based fuzzing, all
+through the app in process."""
 import io
+import json
 import struct
-import zlib
 
 import numpy as np
 import pytest
-import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 from conftest import load_yaml_config
-from test_preprocess import png_claiming
-
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
+from helpers import b64, encode, png_claiming
 
 
 JPEG = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
@@ -95,11 +84,11 @@ CORPUS = [
 
 
 @pytest.fixture(scope="module")
-def strict_gateway(start_gateway):
+def strict_gateway(make_api):
     """The default config with small limits so the limit cases stay cheap."""
     config = load_yaml_config()
     config["server"].update(max_body_bytes=200_000, max_pixels=1_000_000, max_images=4)
-    return start_gateway(config)
+    return make_api(config)
 
 
 def test_corpus_has_at_least_25_cases():
@@ -108,7 +97,7 @@ def test_corpus_has_at_least_25_cases():
 
 @pytest.mark.parametrize("case,path,kwargs,status", CORPUS, ids=[c[0] for c in CORPUS])
 def test_malformed_input_gets_a_4xx_json_error(strict_gateway, case, path, kwargs, status):
-    resp = requests.post(strict_gateway + path, timeout=30, **kwargs)
+    resp = strict_gateway.post(path, **kwargs)
     assert resp.status_code == status, resp.text
     assert resp.headers["Content-Type"].startswith("application/json")
     error = resp.json()["error"]
@@ -116,7 +105,7 @@ def test_malformed_input_gets_a_4xx_json_error(strict_gateway, case, path, kwarg
 
 
 def test_server_still_answers_after_the_corpus(strict_gateway):
-    resp = requests.post(strict_gateway + "/v1/classify", data=JPEG, timeout=30)
+    resp = strict_gateway.post("/v1/classify", data=JPEG)
     assert resp.status_code == 200
 
 
@@ -155,29 +144,29 @@ VALID = {
 
 @pytest.mark.parametrize("name", list(VALID))
 def test_unusual_but_valid_images_answer_200(strict_gateway, name):
-    resp = requests.post(strict_gateway + "/v1/classify", data=VALID[name], timeout=30,
+    resp = strict_gateway.post("/v1/classify", data=VALID[name],
                          headers={"Content-Type": "application/octet-stream"})
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["results"][0]["predictions"]) == 5
 
 
-def test_api_keys_protect_everything_but_health(start_gateway):
+def test_api_keys_protect_everything_but_health(make_api):
     config = load_yaml_config()
     config["server"]["api_keys"] = ["s3cret-key", "other-key"]
-    url = start_gateway(config)
-    post = lambda headers: requests.post(url + "/v1/classify", data=JPEG, timeout=30,  # noqa: E731
+    url = make_api(config)
+    post = lambda headers: url.post("/v1/classify", data=JPEG,  # noqa: E731
                                          headers={"Content-Type": "image/jpeg", **headers})
     assert post({}).status_code == 401 and post({}).json()["error"]["code"] == "missing_api_key"
     assert post({"X-API-Key": "s3cret-kex"}).json()["error"]["code"] == "invalid_api_key"
     assert post({"X-API-Key": "s3cret-key"}).status_code == 200
     assert post({"Authorization": "Bearer other-key"}).status_code == 200
-    assert requests.get(url + "/v1/models", timeout=10).status_code == 401
-    assert requests.get(url + "/healthz", timeout=10).status_code == 200
-    assert requests.get(url + "/readyz", timeout=10).status_code == 200
+    assert url.get("/v1/models").status_code == 401
+    assert url.get("/healthz").status_code == 200
+    assert url.get("/readyz").status_code == 200
 
 
 def test_openapi_description_is_served(strict_gateway):
-    spec = requests.get(strict_gateway + "/openapi.json", timeout=10).json()
+    spec = strict_gateway.get("/openapi.json").json()
     assert spec["openapi"].startswith("3.")
     assert "/v1/models/{model}/classify" in spec["paths"]
     enum = spec["paths"]["/v1/models/{model}/classify"]["post"]["parameters"][0]["schema"]["enum"]
@@ -196,7 +185,7 @@ bodies = st.one_of(
     st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
                  lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
                      st.sampled_from(["image", "images", "x"]), inner, max_size=3),
-                 max_leaves=6).map(lambda v: __import__("json").dumps(v).encode()),
+                 max_leaves=6).map(lambda v: json.dumps(v).encode()),
 )
 queries = st.dictionaries(st.sampled_from(["top_k", "backend", "model", "x"]),
                           st.text(max_size=12) | st.integers(-5, 2000).map(str), max_size=3)
@@ -207,8 +196,8 @@ paths = st.sampled_from(["/v1/classify", "/v1/models/efficientnet_lite0/classify
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(path=paths, ctype=content_types, body=bodies, query=queries, method=st.sampled_from(["POST", "PUT"]))
 def test_fuzzed_requests_never_get_a_5xx(strict_gateway, path, ctype, body, query, method):
-    resp = requests.request(method, strict_gateway + path, params=query, data=body, timeout=30,
-                            headers={"Content-Type": ctype} if ctype else {})
+    resp = strict_gateway.request(method, path, params=query, data=body,
+                                  headers={"Content-Type": ctype} if ctype else {})
     assert resp.status_code < 500, (resp.status_code, resp.text)
     if resp.status_code >= 400:
         assert "error" in resp.json()

@@ -5,13 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import encode, png_claiming
 from gateway.preprocess import ImageError, PreprocessSpec, decode_image, normalize, preprocess_bytes, resize
 
-
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
 
 
 PIXELS = np.array([[[0, 128, 255], [10, 20, 30]]], dtype=np.uint8)  # 1x2 HWC
@@ -197,11 +193,14 @@ def test_pixel_limit_and_absurd_dimensions_refused_before_decoding():
         decode_image(png_claiming(100_000, 100_000))
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    import struct
-    import zlib
-    data = bytearray(encode(Image.new("RGB", (4, 4)), "PNG"))
-    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
-    data[16:29] = ihdr
-    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
-    return bytes(data)
+def test_letterbox_fills_the_fitted_side_exactly():
+    """416 / 23 * 23 is 415.99999999999994 in floats: truncating it left a one-pixel pad stripe."""
+    from gateway.preprocess import letterbox_geometry
+
+    spec = PreprocessSpec(size=(416, 416), resize="letterbox")
+    for side in range(1, 3000):
+        assert letterbox_geometry((side, 1), spec)[3] == 416, side  # landscape: the width fills
+        assert letterbox_geometry((1, side), spec)[4] == 416, side  # portrait: the height fills
+    assert letterbox_geometry((23, 10), spec) == (416 / 23, 0, 0, 416, 180)
+    out = resize(Image.new("RGB", (23, 10), (255, 0, 0)), spec)
+    assert out[:180, :, 0].min() == 255  # no pad column on the right

@@ -10,19 +10,21 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
+from gateway.backends.base import Backend, BackendSettings
 from gateway.config import load_config
 from gateway.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
 from gateway.routing import RouteHealth
 from gateway.service import Gateway
 
 
-class ScriptedBackend:
+class ScriptedBackend(Backend):
     """A test double: answers from a script of results/exceptions, counting calls."""
 
     def __init__(self, name, script):
-        self.name, self.script, self.calls = name, list(script), 0
+        super().__init__(name, BackendSettings(kind="scripted"))
+        self.script, self.calls = list(script), 0
 
-    def infer(self, route, batch):
+    def infer_batch(self, route, batch):
         self.calls += 1
         step = self.script.pop(0) if len(self.script) > 1 else self.script[0]
         if isinstance(step, Exception):
@@ -41,17 +43,15 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def gateway():
-    gw = Gateway(load_config(ROOT / "gateway.yaml"))
-    gw.health = RouteHealth(base_backoff_s=1.0, max_backoff_s=8.0, clock=Clock())
-    return gw
+CONFIG = load_config(ROOT / "gateway.yaml")
 
 
-def use(gw, **backends):
-    for name, script in backends.items():
-        gw.backends[name] = ScriptedBackend(name, script)
-    return gw
+def scripted(**scripts) -> Gateway:
+    """The real pipeline on gateway.yaml with every backend replaced by a scripted double
+    (a backend without a script is down)."""
+    backends = {name: ScriptedBackend(name, scripts.get(name, [BackendUnavailable(name, "down")]))
+                for name in CONFIG.backends}
+    return Gateway(CONFIG, backends=backends, health=RouteHealth(base_backoff_s=1.0, max_backoff_s=8.0, clock=Clock()))
 
 
 def run(gw, backend=None):
@@ -60,49 +60,49 @@ def run(gw, backend=None):
     return gw.classify("efficientnet_lite0", [buf.getvalue()] * 2, top_k=3, backend=backend)
 
 
-def test_first_healthy_route_answers(gateway):
-    use(gateway, embedded=[7], triton=[8], torchserve=[9])
+def test_first_healthy_route_answers():
+    gateway = scripted(embedded=[7], triton=[8], torchserve=[9])
     result = run(gateway)
     assert result.route.backend == "embedded"
     assert [r["predictions"][0]["index"] for r in result.to_dict()["results"]] == [7, 7]
     assert gateway.backends["triton"].calls == 0
 
 
-def test_down_or_slow_routes_fail_over_and_the_answer_names_who_answered(gateway):
-    use(gateway, embedded=[BackendUnavailable("embedded", "down")], triton=[BackendTimeout("triton", "slow")],
+def test_down_or_slow_routes_fail_over_and_the_answer_names_who_answered():
+    gateway = scripted(embedded=[BackendUnavailable("embedded", "down")], triton=[BackendTimeout("triton", "slow")],
         torchserve=[9])
     result = run(gateway)
     assert result.route.backend == "torchserve"
-    assert result.predictions[0][0]["index"] == 9
+    assert result.results[0][0]["index"] == 9
 
 
-def test_a_bad_answer_is_not_retried_elsewhere(gateway):
-    use(gateway, embedded=[BackendBadResponse("embedded", "garbage")], triton=[8])
+def test_a_bad_answer_is_not_retried_elsewhere():
+    gateway = scripted(embedded=[BackendBadResponse("embedded", "garbage")], triton=[8])
     with pytest.raises(BackendBadResponse):
         run(gateway)
     assert gateway.backends["triton"].calls == 0
 
 
-def test_forced_backend_fails_clearly_without_failover(gateway):
-    use(gateway, embedded=[7], triton=[BackendUnavailable("triton", "connection refused")])
+def test_forced_backend_fails_clearly_without_failover():
+    gateway = scripted(embedded=[7], triton=[BackendUnavailable("triton", "connection refused")])
     with pytest.raises(BackendUnavailable) as info:
         run(gateway, backend="triton")
     assert info.value.backend == "triton"
     assert gateway.backends["embedded"].calls == 0
 
 
-def test_all_routes_down_reports_every_backend(gateway):
-    use(gateway, embedded=[BackendUnavailable("embedded", "a")], triton=[BackendUnavailable("triton", "b")],
+def test_all_routes_down_reports_every_backend():
+    gateway = scripted(embedded=[BackendUnavailable("embedded", "a")], triton=[BackendUnavailable("triton", "b")],
         torchserve=[BackendUnavailable("torchserve", "c")])
     with pytest.raises(BackendUnavailable) as info:
         run(gateway)
     assert all(name in info.value.message for name in ("embedded", "triton", "torchserve"))
 
 
-def test_circuit_opens_backs_off_and_probes_back(gateway):
+def test_circuit_opens_backs_off_and_probes_back():
+    gateway = scripted(embedded=[BackendUnavailable("embedded", "down"), BackendUnavailable("embedded", "down"), 7],
+                       triton=[8])
     clock = gateway.health.clock
-    use(gateway, embedded=[BackendUnavailable("embedded", "down"), BackendUnavailable("embedded", "down"), 7],
-        triton=[8])
     assert run(gateway).route.backend == "triton"          # embedded failed once: open for 1 s
     assert run(gateway).route.backend == "triton"          # skipped while open
     assert gateway.backends["embedded"].calls == 1
@@ -117,8 +117,8 @@ def test_circuit_opens_backs_off_and_probes_back(gateway):
     assert gateway.health.state(gateway.config.models["efficientnet_lite0"].routes[0])["circuit"] == "closed"
 
 
-def test_open_routes_are_still_tried_when_nothing_else_is_left(gateway):
-    use(gateway, embedded=[BackendUnavailable("embedded", "x"), 7], triton=[BackendUnavailable("triton", "y")],
+def test_open_routes_are_still_tried_when_nothing_else_is_left():
+    gateway = scripted(embedded=[BackendUnavailable("embedded", "x"), 7], triton=[BackendUnavailable("triton", "y")],
         torchserve=[BackendUnavailable("torchserve", "z")])
     with pytest.raises(BackendUnavailable):
         run(gateway)                                        # every circuit now open
@@ -128,7 +128,7 @@ def test_open_routes_are_still_tried_when_nothing_else_is_left(gateway):
 def test_backoff_is_capped():
     clock = Clock()
     health = RouteHealth(base_backoff_s=1, max_backoff_s=8, clock=clock)
-    route = load_config(ROOT / "gateway.yaml").models["mobilenet_v2"].routes[1]
+    route = CONFIG.models["mobilenet_v2"].routes[1]
     for _ in range(10):
         health.failed(route)
     assert health.is_open(route)
@@ -136,11 +136,11 @@ def test_backoff_is_capped():
     assert not health.is_open(route)
 
 
-def test_readiness_answers_are_reused_briefly(gateway, monkeypatch):
+def test_readiness_answers_are_reused_briefly(monkeypatch):
     import gateway.service as service
 
     calls = []
-    use(gateway, embedded=[7])
+    gateway = scripted(embedded=[7])
     gateway.backends["embedded"].ready = lambda route: calls.append(route) or True
     route = gateway.config.models["efficientnet_lite0"].routes[0]
     now = [1000.0]
@@ -149,3 +149,31 @@ def test_readiness_answers_are_reused_briefly(gateway, monkeypatch):
     assert len(calls) == 1  # the second question was answered from the cache
     now[0] += service.READY_TTL_S + 0.01
     assert gateway.route_ready(route) and len(calls) == 2
+
+
+def test_a_tensor_reaches_each_route_in_its_engines_layout_and_meaning():
+    """infer_tensor: a batch in the model's declared layout goes out in each route's layout and
+    dtype; the answer comes back in the model's declared output meaning."""
+    from gateway.service import conform
+
+    seen = []
+
+    class Recording(ScriptedBackend):
+        def infer_batch(self, route, batch):
+            seen.append((route.name, batch.shape, batch.dtype))
+            return super().infer_batch(route, batch)
+
+    backends = {name: Recording(name, [BackendUnavailable(name, "down")]) for name in CONFIG.backends}
+    backends["triton"] = Recording("triton", [7])
+    gateway = Gateway(CONFIG, backends=backends)
+    x = np.zeros((2, 3, 224, 224), np.float64)  # NCHW as the model declares, float64 on purpose
+    answer = gateway.infer_tensor("mobilenet_v2", x, route="triton-tf")
+    assert seen == [("triton-tf", (2, 224, 224, 3), np.float32)]  # the TF route takes NHWC float32
+    assert answer.results.shape == (2, 1000)
+    # the route answers probabilities... but this double returns one-hot x10 scores: the model
+    # declares logits, so probabilities -> logits is log(p) (clipped at float32's smallest normal)
+    assert answer.results[0, 7] == np.float32(np.log(10.0))
+    nhwc = gateway.infer_tensor("mobilenet_v2", np.zeros((1, 224, 224, 3), np.float32), layout="NHWC", route="triton")
+    assert seen[-1] == ("triton", (1, 3, 224, 224), np.float32) and nhwc.results.shape == (1, 1000)
+    with pytest.raises(Exception, match=r"expected a batch of shape \[N, 3, 224, 224\] \(NCHW\), got \[2, 3, 100, 100\]"):
+        conform(np.zeros((2, 3, 100, 100), np.float32), "NCHW", CONFIG.models["mobilenet_v2"].preprocess)

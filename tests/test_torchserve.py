@@ -6,22 +6,21 @@ the embedded backend, bad input (4xx, the worker keeps serving), token auth, and
 import io
 import json
 import re
-from dataclasses import replace
+import dataclasses
 
 import numpy as np
 import pytest
 import requests
 import yaml
 
-from conftest import ROOT, free_port, load_yaml_config, preprocessed, route_of
+from conftest import ROOT, free_port, load_yaml_config
 from gateway.backends.torchserve import TorchServeBackend
 from gateway.config import load_config
 from gateway.errors import BackendRejected, BackendUnavailable
 from gateway.postprocess import softmax
 from gateway.servers import torchserve as launcher
 from gateway.service import Gateway
-
-CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
+from helpers import CAT_LABELS, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
 
 
 @pytest.fixture(scope="module")
@@ -49,22 +48,23 @@ def test_torchserve_matches_embedded_backend(gateway, photos, model):
     via_ts = softmax(gateway.backends["torchserve"].infer(r, batch))
     via_onnx = softmax(gateway.backends["embedded"].infer(route_of(gateway, model, "embedded"), batch))
     np.testing.assert_array_equal(np.argsort(-via_ts)[:, :5], np.argsort(-via_onnx)[:, :5])
-    np.testing.assert_allclose(via_ts, via_onnx, atol=1e-4)
+    np.testing.assert_allclose(via_ts, via_onnx, atol=SAME_WEIGHTS_ATOL)
 
 
 def test_torchserve_big_batches_go_as_requests_of_max_batch(gateway, photos, torchserve_server):
     """Split into requests of <= max_batch images (Java's heap), answered in order."""
     r, batch = preprocessed(gateway, "efficientnet_lite0", "torchserve", [photos[0], photos[1], photos[1]] * 2)
-    settings = torchserve_server.backends["torchserve"]
-    split = TorchServeBackend(replace(settings, options={**settings.options, "max_batch": 4}))
-    whole = TorchServeBackend(replace(settings, options={**settings.options, "max_batch": 0}))
+    split = TorchServeBackend("torchserve", torchserve_server.with_backend("torchserve", max_batch_size=4)
+                              .backends["torchserve"])
+    whole = TorchServeBackend("torchserve", torchserve_server.with_backend("torchserve", max_batch_size=0)
+                              .backends["torchserve"])
     try:
         a, b = split.infer(r, batch), whole.infer(r, batch)
     finally:
         split.close()
         whole.close()
     assert a.shape == (6, 1000)
-    np.testing.assert_allclose(a, b, atol=1e-4)
+    np.testing.assert_allclose(a, b, atol=SAME_WEIGHTS_ATOL)  # batches of 4+2 vs 6: kernels per batch size
     assert a[0].argmax() != a[1].argmax() and a[0].argmax() == a[3].argmax()  # rows kept in order
 
 
@@ -96,7 +96,7 @@ def test_torchserve_bad_input_gets_4xx_and_the_worker_keeps_serving(gateway, tor
 
 def test_torchserve_unknown_model_is_unavailable(gateway, photos):
     r, batch = preprocessed(gateway, "mobilenet_v2", "torchserve", photos)
-    missing = type(r)(**{**r.__dict__, "model": "resnet_not_registered"})
+    missing = dataclasses.replace(r, backend_model="resnet_not_registered")
     with pytest.raises(BackendUnavailable, match="resnet_not_registered"):
         gateway.backends["torchserve"].infer(missing, batch)
     assert not gateway.backends["torchserve"].ready(missing)
@@ -118,7 +118,7 @@ def torchserve_with_token_auth(tmp_path):
         **data["backends"]["torchserve"], "url": f"http://127.0.0.1:{free_port()}",
         "management_url": f"http://127.0.0.1:{free_port()}", "token_file": "run/torchserve/key_file.json"}}
     data["models"] = {"mobilenet_v2": {**data["models"]["mobilenet_v2"],
-                                       "routes": [{"backend": "torchserve", "model": "mobilenet"}]}}
+                                       "routes": [{"backend": "torchserve", "backend_model": "mobilenet"}]}}
     (root / "gateway.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
     config = load_config(root / "gateway.yaml")
     launcher.start(config, timeout=300)  # readiness itself needs the management key
@@ -139,15 +139,14 @@ def test_torchserve_token_auth_kept_on_with_the_key_file(torchserve_with_token_a
     assert anonymous.status_code in (400, 401) and "key" in anonymous.text.lower()
 
     route = config.models["mobilenet_v2"].routes[0]
-    backend = TorchServeBackend(settings)
-    backend.root = config.root
+    backend = TorchServeBackend("torchserve", settings)  # token_file resolved against the config's folder
     gw = Gateway(config)
     _, batch = preprocessed(gw, "mobilenet_v2", "torchserve", photos)
     assert backend.ready(route)
     assert backend.infer(route, batch).shape == (2, 1000)  # bearer keys read from key_file.json
     assert backend.metadata(route)["workers"][0]["status"] == "READY"
 
-    wrong = TorchServeBackend(replace(settings, options={**settings.options, "token": "not-the-key"}))
+    wrong = TorchServeBackend("torchserve", config.with_backend("torchserve", token="not-the-key").backends["torchserve"])
     assert not wrong.ready(route)
     with pytest.raises(BackendUnavailable, match="token"):
         wrong.infer(route, batch)
@@ -177,36 +176,33 @@ def test_torchserve_archives_are_rebuilt_only_when_stale(tmp_path):
     assert launcher._stale(tmp_path / "junk.mar", inputs[1:], spec) == "unreadable"
 
 
-# --- through the real gateway over HTTP ---
+# --- through the gateway's API ---
 
-def classify(url, data, model, backend):
-    return requests.post(f"{url}/v1/models/{model}/classify", params={"backend": backend}, data=data,
-                         headers={"Content-Type": "image/jpeg"}, timeout=60)
-
-
-def test_torchserve_http_routes_and_bad_input(torchserve_server, gateway_url, chelsea_jpeg):
-    body = classify(gateway_url, chelsea_jpeg, "efficientnet_lite0", "torchserve").json()
+def test_torchserve_http_routes_and_bad_input(torchserve_server, make_api, chelsea_jpeg):
+    api = make_api(torchserve_server)
+    body = classify(api, chelsea_jpeg, "efficientnet_lite0", backend="torchserve").json()
     assert body["backend"] == "torchserve"
     assert body["results"][0]["predictions"][0]["label"] in CAT_LABELS
-    mob = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "torchserve").json()
-    emb = classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "embedded").json()
+    mob = classify(api, chelsea_jpeg, "mobilenet_v2", backend="torchserve").json()
+    emb = classify(api, chelsea_jpeg, "mobilenet_v2", backend="embedded").json()
     assert [p["index"] for p in mob["results"][0]["predictions"]] == \
         [p["index"] for p in emb["results"][0]["predictions"]]
-    bad = classify(gateway_url, b"\xff\xd8garbage", "mobilenet_v2", "torchserve")
+    bad = classify(api, b"\xff\xd8garbage", "mobilenet_v2", backend="torchserve")
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_image"
-    assert classify(gateway_url, chelsea_jpeg, "mobilenet_v2", "torchserve").status_code == 200
+    assert classify(api, chelsea_jpeg, "mobilenet_v2", backend="torchserve").status_code == 200
 
 
-def test_torchserve_stopped_answers_503_naming_it(torchserve_server, start_gateway, chelsea_jpeg):
+def test_torchserve_stopped_answers_503_naming_it(torchserve_server, make_api, chelsea_jpeg):
     config = load_yaml_config()
-    config["models"]["efficientnet_lite0"]["routes"] = [{"backend": "torchserve", "model": "efficientnet_lite0"},
-                                                       {"backend": "embedded", "model": "efficientnet_lite0"}]
-    url = start_gateway(config)
-    assert classify(url, chelsea_jpeg, "efficientnet_lite0", None).json()["backend"] == "torchserve"
+    config["models"]["efficientnet_lite0"]["routes"] = [{"backend": "torchserve"}, {"backend": "embedded"}]
+    api = make_api(config)
+    assert classify(api, chelsea_jpeg, "efficientnet_lite0").json()["backend"] == "torchserve"
     launcher.stop(torchserve_server)
-    forced = classify(url, chelsea_jpeg, "efficientnet_lite0", "torchserve")
-    assert forced.status_code == 503
-    assert forced.json()["error"]["backend"] == "torchserve" and "torchserve" in forced.json()["error"]["message"]
-    failover = classify(url, chelsea_jpeg, "efficientnet_lite0", None)
-    assert failover.status_code == 200 and failover.json()["backend"] == "embedded"
-    launcher.start(torchserve_server, timeout=300)  # the session's server, back for later tests
+    try:
+        forced = classify(api, chelsea_jpeg, "efficientnet_lite0", backend="torchserve")
+        assert forced.status_code == 503
+        assert forced.json()["error"]["backend"] == "torchserve" and "torchserve" in forced.json()["error"]["message"]
+        failover = classify(api, chelsea_jpeg, "efficientnet_lite0")
+        assert failover.status_code == 200 and failover.json()["backend"] == "embedded"
+    finally:
+        launcher.start(torchserve_server, timeout=300)  # the session's server, back for later tests

@@ -13,7 +13,7 @@ from flask import Request
 
 from gateway.errors import BadRequest, UnsupportedMediaType
 
-QUERY_PARAMS = ("top_k", "backend")
+QUERY_PARAMS = ("top_k", "route", "backend")
 # No Content-Type (curl -T) and curl --data-binary's default form type carry raw bytes too.
 RAW_TYPES = ("application/octet-stream", "", "application/x-www-form-urlencoded")
 
@@ -83,7 +83,10 @@ def _b64(value, where: str) -> bytes:
     return data
 
 
-def read_params(request: Request) -> tuple[int | None, str | None]:
+def read_params(request: Request) -> tuple[int | None, str | None, str | None]:
+    """(top_k, route, backend): ``route`` forces a route by name, ``backend`` the route to a
+    backend (a route name is accepted there too, as it always was); both: that route, which
+    must be on that backend."""
     args = request.args
     extra = sorted(set(args) - set(QUERY_PARAMS))
     if extra:
@@ -100,7 +103,7 @@ def read_params(request: Request) -> tuple[int | None, str | None]:
             raise BadRequest(f"top_k must be an integer, got {top_k!r}", code="invalid_parameter") from None
         if top_k < 1:
             raise BadRequest(f"top_k must be at least 1, got {top_k}", code="invalid_parameter")
-    backend = args.get("backend")
-    if backend is not None and not backend:
-        raise BadRequest("backend must not be empty", code="invalid_parameter")
-    return top_k, backend
+    for name in ("route", "backend"):
+        if name in args and not args[name]:
+            raise BadRequest(f"{name} must not be empty", code="invalid_parameter")
+    return top_k, args.get("route"), args.get("backend")

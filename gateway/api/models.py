@@ -10,7 +10,7 @@ def _route_info(gateway, route, with_metadata: bool) -> dict:
     info = {
         "name": route.name, "backend": route.backend,
         "kind": gateway.config.backends[route.backend].kind,
-        "backend_model": route.model, "version": route.version,
+        "backend_model": route.backend_model, "version": route.version,
         "preprocess": route.preprocess.to_dict(), "output": route.output,
         "ready": gateway.route_ready(route), **gateway.health.state(route),
     }

@@ -44,8 +44,12 @@ def _classify_operation(config, with_model: bool) -> dict:
     params = [
         {"name": "top_k", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": config.server.default_top_k}},
+        {"name": "route", "in": "query", "required": False,
+         "description": "force one route by its name; a name this model has no route for is a 404",
+         "schema": {"type": "string", "enum": sorted({r.name for m in models for r in m.routes})}},
         {"name": "backend", "in": "query", "required": False,
-         "description": "force one route (route or backend name); a name the model has no route for is a 404",
+         "description": "force the model's route to this backend (a route name is accepted too); "
+                        "with route, that route must be on this backend",
          "schema": {"type": "string", "enum": _route_choices(models)}},
     ]
     if with_model:

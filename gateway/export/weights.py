@@ -1,5 +1,5 @@
-"""Where mobilenet_v2's ImageNet weight files come from and where their downloaders cache
-them. No torch or TensorFlow import here: a no-op `models build` asks these questions."""
+"""Where mobilenet_v2's ImageNet weight file comes from and where torch's downloader caches
+it. No torch or TensorFlow import here: a no-op `models build` asks these questions."""
 from __future__ import annotations
 
 import os
@@ -7,9 +7,6 @@ import urllib.request
 from pathlib import Path
 
 TORCHVISION_URL = "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth"
-# keras.applications.MobileNetV2(weights="imagenet") downloads this file into ~/.keras/models/
-KERAS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224.h5"
-KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/" + KERAS_FILE
 
 
 def torch_cache_path(url: str = TORCHVISION_URL) -> Path:
@@ -17,11 +14,6 @@ def torch_cache_path(url: str = TORCHVISION_URL) -> Path:
     cache = os.getenv("XDG_CACHE_HOME", os.path.join("~", ".cache"))
     home = os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(cache, "torch")))
     return Path(home) / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
-
-
-def keras_cache_path() -> Path:
-    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models" / KERAS_FILE
 
 
 def obtainable(url: str, cached: Path, timeout: float = 5.0) -> bool:

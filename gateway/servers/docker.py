@@ -12,6 +12,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from gateway.servers import process
+
 COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
 PREFIX = "gateway-"
 
@@ -29,8 +31,9 @@ def _client():
 
 
 def container_spec(name: str, config) -> dict:
-    """Image, command, volumes and ports for one service, from the compose file."""
-    service = yaml.safe_load(COMPOSE.read_text())["services"][name]
+    """Image, command, volumes and ports for the backend ``name``, from its kind's compose service."""
+    kind = config.backends[name].kind
+    service = yaml.safe_load(COMPOSE.read_text())["services"][kind]
     volumes = {}
     for mount in service.get("volumes", []):
         host, container, *mode = mount.split(":")
@@ -39,9 +42,9 @@ def container_spec(name: str, config) -> dict:
     for mapping in service.get("ports", []):
         _, host_port, container_port = mapping.split(":")
         ports[f"{container_port}/tcp"] = ("127.0.0.1", int(host_port))
-    url = urlparse(config.backends[name].url) if name in config.backends else None
-    if url and url.port:  # the gateway.yaml port wins for the main API
-        main = {"triton": "8010", "torchserve": "8080", "tfserving": "8501"}[name]
+    url = urlparse(config.backends[name].url)
+    if url.port:  # the config's port wins for the main API
+        main = {"triton": "8010", "torchserve": "8080", "tfserving": "8501"}[kind]
         ports[f"{main}/tcp"] = ("127.0.0.1", url.port)
     return {"image": service["image"], "command": service.get("command"), "volumes": volumes, "ports": ports,
             "shm_size": service.get("shm_size")}
@@ -49,24 +52,14 @@ def container_spec(name: str, config) -> dict:
 
 def wait_ready(name: str, config, timeout: float) -> None:
     """Poll the backend's routed models through the gateway's adapter until all are ready."""
-    from gateway.config import backend_class
-
-    settings = config.backends[name]
-    backend = backend_class(settings.kind)(settings)
-    routes = [r for m in config.models.values() for r in m.routes if r.backend == name]
-    backend.load(routes)
+    ready = process.routes_ready(config, name)
     deadline = time.monotonic() + timeout
-    try:
-        while True:
-            waiting = [r.model for r in routes if not backend.ready(r)]
-            if not waiting:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{name} at {settings.url}: models {sorted(set(waiting))} not ready "
-                                   f"after {timeout:g} s")
-            time.sleep(1)
-    finally:
-        backend.close()
+    while not ready():
+        if time.monotonic() > deadline:
+            waiting = sorted({r.backend_model for r in process.backend_routes(config, name)})
+            raise RuntimeError(f"{name} at {config.backends[name].url}: models {waiting} not ready "
+                               f"after {timeout:g} s")
+        time.sleep(1)
 
 
 def start(name: str, config, timeout: float = 300.0) -> None:

@@ -9,6 +9,28 @@ from pathlib import Path
 from typing import Callable
 
 
+def backend_routes(config, name: str) -> list:
+    """Every route of every model that goes to the backend called ``name``."""
+    return [r for m in config.models.values() for r in m.routes if r.backend == name]
+
+
+def routes_ready(config, name: str) -> Callable[[], bool]:
+    """A readiness probe asking the gateway's own adapter about every model routed to
+    ``name``: a launcher waits for exactly what the gateway will call."""
+    from gateway.config import backend_class
+
+    settings = config.backends[name]
+    routes = backend_routes(config, name)
+
+    def ready() -> bool:
+        backend = backend_class(settings.kind)(name, settings)
+        try:
+            return all(backend.ready(r) for r in routes)
+        finally:
+            backend.close()
+    return ready
+
+
 def run_dir(config, name: str) -> Path:
     path = config.root / "run" / name
     path.mkdir(parents=True, exist_ok=True)

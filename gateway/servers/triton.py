@@ -33,8 +33,8 @@ def _wheel() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
 
 
-def _ports(config) -> tuple[str, int]:
-    url = urlparse(config.backends[NAME].url)
+def _ports(config, name: str) -> tuple[str, int]:
+    url = urlparse(config.backends[name].url)
     return url.hostname or "127.0.0.1", url.port or 8000
 
 
@@ -65,21 +65,23 @@ def _env() -> dict:
     return env
 
 
-def _ready(base: str) -> bool:
+def _server_ready(base: str) -> bool:
     return requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
 
 
-def start(config, timeout: float = 180.0) -> None:
-    run = process.run_dir(config, NAME)
+def start(config, name: str = NAME, timeout: float = 180.0) -> None:
+    """Start the backend called ``name`` (kind triton) and wait until its routed models are ready."""
+    run = process.run_dir(config, name)
     pid_file, log = run / "tritonserver.pid", run / "tritonserver.log"
-    host, port = _ports(config)
-    base = config.backends[NAME].url
+    host, port = _ports(config, name)
+    base = config.backends[name].url
+    ready = process.routes_ready(config, name)
     if process.read_pid(pid_file):
-        process.wait_until(lambda: _ready(base), timeout, process.read_pid(pid_file), "tritonserver", log)
+        process.wait_until(ready, timeout, process.read_pid(pid_file), "tritonserver", log)
         return
     try:
-        if _ready(base):
-            raise RuntimeError(f"another server already answers on {base}; stop it or change backends.triton.url")
+        if _server_ready(base):
+            raise RuntimeError(f"another server already answers on {base}; stop it or change backends.{name}.url")
     except requests.RequestException:
         pass
     log.write_bytes(b"")
@@ -95,16 +97,16 @@ def start(config, timeout: float = 180.0) -> None:
     envs_before = _python_envs()
     pid = process.spawn(cmd, log, pid_file, env=_env(), cwd=run)
     try:
-        process.wait_until(lambda: _ready(base), timeout, pid, "tritonserver", log)
+        process.wait_until(ready, timeout, pid, "tritonserver", log)
     except RuntimeError:
         _note_envs(run, envs_before)
-        stop(config)
+        stop(config, name)
         raise
     _note_envs(run, envs_before)
 
 
-def stop(config) -> None:
-    run = process.run_dir(config, NAME)
+def stop(config, name: str = NAME) -> None:
+    run = process.run_dir(config, name)
     pid = process.read_pid(run / "tritonserver.pid")
     if pid:
         process.terminate(pid, timeout=20)
@@ -165,13 +167,10 @@ def _unlink(path: str) -> None:
         pass
 
 
-def status(config) -> dict:
-    run = process.run_dir(config, NAME)
+def status(config, name: str = NAME) -> dict:
+    run = process.run_dir(config, name)
     pid = process.read_pid(run / "tritonserver.pid")
-    base = config.backends[NAME].url
-    try:
-        ready = _ready(base)
-    except requests.RequestException:
-        ready = False
+    base = config.backends[name].url
+    ready = pid is not None and process.routes_ready(config, name)()
     return {"running": pid is not None, "pid": pid, "ready": ready, "url": base,
             "log": str(run / "tritonserver.log")}
