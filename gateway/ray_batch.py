@@ -121,10 +121,9 @@ class Classifier:
         self.job = job
         self.model = job.config.models[job.model]
         self.route = next(r for r in self.model.routes if r.name == job.route)
-        config = job.config.with_backend(self.route.backend, options={
-            **job.config.backends[self.route.backend].options, "intra_op_threads": threads})
-        self.backend = backend_class("embedded")(config.backends[self.route.backend])
-        self.backend.root = config.root
+        name = self.route.backend
+        config = job.config.with_backend(name, intra_op_threads=threads)
+        self.backend = backend_class("embedded")(name, config.backends[name])
         self.backend.load([self.route])
         if not self.backend.ready(self.route):
             raise RuntimeError(self.backend.metadata(self.route).get("error") or "model not loaded")
@@ -159,14 +158,13 @@ def embedded_route(config, model_name: str | None, backend: str | None):
 
     gateway = Gateway(config)
     model = gateway.model(model_name)
-    routes = gateway.routes(model, backend)
+    routes = gateway.routes(model, backend=backend)
     embedded = [r for r in routes if config.backends[r.backend].kind == "embedded"]
     if not embedded:
         raise ValueError(f"model {model.name!r} has no embedded (ONNX Runtime) route"
                          + (f" named {backend!r}" if backend else "") + "; the Ray path runs the model in its actors")
     route = embedded[0]
     engine = gateway.backends[route.backend]
-    engine.root = config.root
     if not engine.model_path(route).is_file():
         raise ValueError(f"model file {engine.model_path(route)} is missing; run `gateway models build`")
     return model, route
