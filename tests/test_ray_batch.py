@@ -230,7 +230,7 @@ def test_local_resume_sorts_lines_that_arrived_out_of_order(ray_address, folder,
 
 
 def test_inputs_from_a_bucket_prefix_and_a_list_file(bucket, s3_endpoint, images):
-    fs, items = find_inputs("s3://photos/in", "s3://photos/in/results.jsonl", s3_endpoint)
+    _, items = find_inputs("s3://photos/in", "s3://photos/in/results.jsonl", s3_endpoint)
     assert [key for key, _ in items] == sorted(images)  # not sub/, not .hidden
     assert all(path == f"photos/in/{key}" for key, path in items)
     write_bytes(bucket, "photos/lists/two.txt", b"# two photos\n../in/cat_q95.jpg\n\ns3://photos/in/coffee.png\n")
