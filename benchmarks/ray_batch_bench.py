@@ -12,7 +12,7 @@ and starting its actors ("first results after") before streaming.  Rates:
 Rounds alternate the contenders so background load on a shared machine hits all alike.
 Target (issue 16): the Ray path >= 0.8x the plain loop once started.
 
-    .venv/bin/python benchmarks/ray_batch_bench.py [--images 2400] [--rounds 2] [--batch-size 16]
+    .venv/bin/python benchmarks/ray_batch_bench.py [--images 2400] [--rounds 2] [--batch-size 64]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from conftest import GatewayProcess  # noqa: E402
 from gateway.batch import list_inputs, run_batch  # noqa: E402
 from gateway.config import load_config  # noqa: E402
 from gateway.preprocess import preprocess_bytes  # noqa: E402
-from gateway.ray_batch import run_ray_batch  # noqa: E402
+from gateway.ray_batch import DEFAULT_BATCH, run_ray_batch  # noqa: E402
 
 SAMPLES = [ROOT / "tests" / "data" / "imagenet-sample", ROOT.parent / "shared" / "data" / "imagenet-sample"]
 VARIANTS = {
@@ -94,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--images", type=int, default=2400, help="photos in the folder (500 or more)")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
     ap.add_argument("--concurrency", type=int, default=4, help="gateway batch's concurrent requests")
     ap.add_argument("--workers", type=int, default=2, help="gateway serve workers")
     ap.add_argument("--model", default="efficientnet_lite0")

@@ -189,7 +189,8 @@ def register(subparsers) -> None:
     ray.add_argument("--s3-endpoint", default=None, dest="s3_endpoint",
                      help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
     ray.add_argument("--actors", type=int, default=None, help="inference actors (default: from the cluster's CPUs)")
-    ray.add_argument("--batch-size", type=int, default=16, dest="batch_size", help="images per inference call")
+    ray.add_argument("--batch-size", type=int, default=64, dest="batch_size",
+                     help="images per Ray batch (default 64; the model runs 4 at a time)")
     p.set_defaults(func=batch_command)
 
 

@@ -40,7 +40,12 @@ from gateway.results import open_results
 # actors: decoding stays in its own CPU tasks.
 ACTOR_CPUS = 0.875
 LOADER_CPUS = 0.25
-DEFAULT_BATCH = 16
+# Each Ray batch costs ~20 ms of scheduling and hand-offs whatever its size, while ONNX Runtime
+# on CPU is fastest per image in small calls (efficientnet_lite0, one thread: 6.4 ms at 1-4
+# images, 7.2 at 16, 9.1 at 64).  So batches of 64 travel through Ray, and each actor runs its
+# session on 4 at a time (measured on 1000 photos: 1.45x the images/s of batches of 16 in one call).
+DEFAULT_BATCH = 64
+SESSION_BATCH = 4
 
 
 @dataclass(frozen=True)
@@ -115,14 +120,14 @@ def load_images(batch: dict, filesystem, job: Job) -> dict:
 class Classifier:
     """Actor: one ONNX Runtime session (the gateway's embedded backend), loaded once."""
 
-    def __init__(self, job: Job, threads: int = 1):
+    def __init__(self, job: Job, threads: int = 1, session_batch: int = 0):
         from gateway.config import backend_class
 
         self.job = job
         self.model = job.config.models[job.model]
         self.route = next(r for r in self.model.routes if r.name == job.route)
         name = self.route.backend
-        config = job.config.with_backend(name, intra_op_threads=threads)
+        config = job.config.with_backend(name, intra_op_threads=threads, max_batch_size=session_batch)
         self.backend = backend_class("embedded")(name, config.backends[name])
         self.backend.load([self.route])
         if not self.backend.ready(self.route):
@@ -209,8 +214,9 @@ def build_dataset(filesystem, items: list[tuple[str, str]], job: Job, actors: in
     ds = ray.data.from_items([{"file": k, "path": p} for k, p in items], override_num_blocks=blocks)
     ds = ds.map_batches(load_images, fn_kwargs={"filesystem": filesystem, "job": job},
                         batch_size=batch_size, batch_format="numpy", num_cpus=LOADER_CPUS)
-    return ds.map_batches(Classifier, fn_constructor_kwargs={"job": job}, batch_size=batch_size,
-                          batch_format="numpy", num_cpus=actor_cpus, compute=ray.data.ActorPoolStrategy(size=actors))
+    return ds.map_batches(Classifier, fn_constructor_kwargs={"job": job, "session_batch": SESSION_BATCH},
+                          batch_size=batch_size, batch_format="numpy", num_cpus=actor_cpus,
+                          compute=ray.data.ActorPoolStrategy(size=actors))
 
 
 def run_ray_batch(source: str, out: str, address: str | None = None, config_path: str = "gateway.yaml",
