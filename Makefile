@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup serve test models bench bench-triton bench-torchserve clean
+.PHONY: setup serve test lint models bench bench-triton bench-torchserve bench-detect lambda clean
 
 setup: $(STAMP) models
 
@@ -27,17 +27,34 @@ models: $(STAMP)
 serve: setup
 	$(BIN)/gateway serve --config gateway.yaml --host 127.0.0.1 --port 8000
 
-test: setup
+test: setup lint
 	$(BIN)/python -m pytest -q
 
+# ruff over the code and tests, mypy over the package (configured in pyproject.toml)
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests benchmarks tools torchserve
+	$(BIN)/mypy
+
+# Benchmarks: presets of `gateway bench` (each route through a gateway it starts, beside direct
+# baselines, one run; JSON, CSV and a chart in bench_results/) and side-by-side scripts.
 bench: setup
-	$(BIN)/python benchmarks/embedded_bench.py
+	$(BIN)/gateway bench --model efficientnet_lite0 --routes embedded --concurrency 1,4,8 --out bench_results/embedded
+	$(BIN)/python benchmarks/preprocess_bench.py
 
 bench-triton: setup
-	$(BIN)/python benchmarks/triton_bench.py
+	$(BIN)/gateway backends up triton
+	$(BIN)/gateway bench --model efficientnet_lite0 --routes triton,triton-tf --concurrency 1,4,8 --out bench_results/triton
 
 bench-torchserve: setup
-	$(BIN)/python benchmarks/torchserve_bench.py
+	$(BIN)/gateway backends up torchserve
+	$(BIN)/gateway bench --model efficientnet_lite0 --routes torchserve --concurrency 1,4,8 --out bench_results/torchserve
+
+bench-detect: setup
+	$(BIN)/gateway bench --model yolox_nano --routes embedded --concurrency 1,4 --out bench_results/detect
+
+# AWS Lambda: build/lambda/gateway-lambda.zip and the container image's build context.
+lambda: setup
+	$(BIN)/gateway package lambda
 
 clean:
 	rm -rf run onnx artifacts.json model_repository/*/1 torchserve/model_store tfserving/models

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from common import ROOT, photos
-from conftest import GatewayProcess
 from gateway.batch import list_inputs, run_batch
 from gateway.config import load_config
 from gateway.preprocess import preprocess_bytes
+from gateway.servers.local_gateway import LocalGateway
+
+from common import ROOT, photos
 
 
 def plain_loop(files: list[Path], model: str, spec, threads: int) -> float:
@@ -57,7 +58,7 @@ def main() -> None:
             (folder / f"{i:05d}.jpg").write_bytes(samples[i % len(samples)])
         files = list_inputs(folder)
 
-        gw = GatewayProcess(ROOT / "gateway.yaml", workers=args.workers)
+        gw = LocalGateway(ROOT / "gateway.yaml", workers=args.workers, log_path=ROOT / "run" / "bench-gateway.log")
         try:
             run_batch(folder, Path(tmp) / "warmup.jsonl", url=gw.url, model=args.model, backend="embedded",
                       concurrency=args.concurrency, progress=False, limit=16, log=lambda m: None)

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import requests
 
+from gateway.servers.local_gateway import LocalGateway
+
 from common import ROOT, per_thread, photos, run_load
-from conftest import GatewayProcess
 
 
 def rss_mb(root_pid: int) -> float:
@@ -54,7 +55,8 @@ def main() -> None:
     ap.add_argument("--url", default=None, help="use a running gateway instead of starting one")
     args = ap.parse_args()
 
-    gw = None if args.url else GatewayProcess(ROOT / "gateway.yaml", workers=args.workers)
+    gw = None if args.url else LocalGateway(ROOT / "gateway.yaml", workers=args.workers,
+                                            log_path=ROOT / "run" / "bench-gateway.log")
     url = args.url or gw.url
     params = {"backend": args.backend} if args.backend else {}
 

@@ -1,8 +1,9 @@
-"""`gateway batch INPUT --out results.jsonl`: classify a whole folder, like a batch transform job.
+"""`gateway batch INPUT --out results.jsonl`: classify (or detect in) a whole folder, like a batch transform job.
 
 - INPUT: a folder (its files, not sub-folders, in sorted name order; dot-files skipped) or a
   text file with one path per line (relative paths resolve against the text file's folder).
-- One JSON line per image, in input order: ``{"file", "model", "backend", "predictions"}`` or
+- One JSON line per image, in input order: ``{"file", "model", "backend", "predictions"}`` (a
+  detector: ``"detections"`` instead) or
   ``{"file", "error": {"status", "code", "message"}}`` - a corrupt file is an error line, never a gap.
 - Resumable: lines already in --out are kept and skipped (a torn last line from a crash is cut).
   Gateway outages (no answer, 503, 504) are retried, then stop the run *without* writing a line,
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from gateway.client import DEFAULT_URL, ClientError, GatewayClient
 
@@ -88,16 +90,21 @@ class GatewayDown(Exception):
     pass
 
 
-def classify_one(client: GatewayClient, path: Path, key: str, model, backend, top_k) -> dict:
+def classify_one(client: GatewayClient, path: Path, key: str, model, backend, top_k, task="classification") -> dict:
+    """One image's line: its predictions (a classifier) or detections (a detector), or its error."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         return {"file": key, "error": {"status": None, "code": "unreadable_file", "message": str(exc)}}
     for attempt in range(RETRIES):
         try:
-            body = client.classify(data, model=model, backend=backend, top_k=top_k)
-            return {"file": key, "model": body["model"], "backend": body["backend"],
-                    "predictions": body["results"][0]["predictions"]}
+            if task == "detection":
+                body = client.detect(data, model=model, backend=backend)
+                found = {"detections": body["results"][0]["detections"]}
+            else:
+                body = client.classify(data, model=model, backend=backend, top_k=top_k)
+                found = {"predictions": body["results"][0]["predictions"]}
+            return {"file": key, "model": body["model"], "backend": body["backend"], **found}
         except ClientError as exc:
             if exc.status is not None and exc.status < 500:
                 return {"file": key, "error": {"status": exc.status, "code": exc.code, "message": exc.message}}
@@ -106,6 +113,15 @@ def classify_one(client: GatewayClient, path: Path, key: str, model, backend, to
     if last.status == 502:  # the backend keeps answering this image badly: record it, move on
         return {"file": key, "error": {"status": 502, "code": last.code, "message": last.message}}
     raise GatewayDown(f"{key}: {last}")
+
+
+def _task(client: GatewayClient, model: str | None) -> str:
+    """What the model does (classification or detection), asked of the gateway once;
+    classification when the gateway cannot say (the first request will report why)."""
+    try:
+        return client.model(model or client.models()["default_model"]).get("task", "classification")
+    except (ClientError, KeyError, TypeError):
+        return "classification"
 
 
 def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backend=None, top_k=None,
@@ -119,7 +135,8 @@ def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backe
     pending = [(p, file_key(p, root)) for p in files if file_key(p, root) not in done]
     todo = pending if limit is None else pending[:limit]
     client = GatewayClient(url)
-    stats = {"total": len(files), "skipped": len(files) - len(pending), "written": 0, "errors": 0}
+    task = _task(client, model)
+    stats: dict[str, Any] = {"total": len(files), "skipped": len(files) - len(pending), "written": 0, "errors": 0}
     bar = _bar(len(todo), progress)
     started = time.perf_counter()
     with open(out, "a") as sink, ThreadPoolExecutor(concurrency) as pool:
@@ -130,7 +147,7 @@ def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backe
             item = next(items, None)
             if item is None:
                 return False
-            window.append(pool.submit(classify_one, client, item[0], item[1], model, backend, top_k))
+            window.append(pool.submit(classify_one, client, item[0], item[1], model, backend, top_k, task))
             return True
 
         for _ in range(concurrency * 2):  # bounded read-ahead; answers are written in input order

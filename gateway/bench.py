@@ -14,6 +14,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import requests
@@ -21,14 +22,16 @@ import requests
 from gateway.config import ConfigError, load_config
 from gateway.loadgen import fmt, per_thread, run_load, sample_photos
 
+VERBS = {"classification": "classify", "detection": "detect"}
 
-def _gateway_call(url: str, model: str, route: str):
+
+def _gateway_call(url: str, model: str, route: str, task: str):
     @per_thread
     def factory():
         session = requests.Session()
 
         def call(data: bytes):
-            resp = session.post(f"{url}/v1/models/{model}/classify", params={"backend": route}, data=data,
+            resp = session.post(f"{url}/v1/models/{model}/{VERBS[task]}", params={"route": route}, data=data,
                                 headers={"Content-Type": "application/octet-stream"}, timeout=120)
             resp.raise_for_status()
         return call
@@ -36,9 +39,11 @@ def _gateway_call(url: str, model: str, route: str):
 
 
 def _embedded_baseline(config, route):
+    """A plain onnxruntime loop with the gateway's preprocessing (and, for a detector, its
+    decoding and NMS): what the gateway's embedded route costs over doing it by hand."""
     import onnxruntime as ort
 
-    from gateway.preprocess import preprocess_bytes
+    from gateway.preprocess import decode_image, preprocess_bytes, preprocess_image
 
     settings = config.backends[route.backend]
     path = settings.model_dir / f"{route.backend_model}.onnx"
@@ -49,7 +54,16 @@ def _embedded_baseline(config, route):
     opts.intra_op_num_threads = settings.intra_op_threads or 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return lambda data: session.run(None, {name: preprocess_bytes(data, route.preprocess)[None]})
+    model = config.models[route.model]
+    if model.detection is None:
+        return lambda data: session.run(None, {name: preprocess_bytes(data, route.preprocess)[None]})
+    from gateway.detection import detections
+
+    def detect(data: bytes):
+        photo = decode_image(data, draft_size=route.preprocess.decode_size())
+        raw = session.run(None, {name: preprocess_image(photo, route.preprocess)[None]})[0]
+        return detections(raw, [photo.size], model.labels, route.preprocess, model.detection)
+    return detect
 
 
 def _triton_baseline(config, route):
@@ -88,12 +102,13 @@ BASELINES = {"embedded": _embedded_baseline, "triton": _triton_baseline, "torchs
 
 
 def targets(url: str, config, model: str, baselines: bool, log,
-            only: list[str] | None = None) -> list[tuple[str, str, str, object]]:
+            only: list[str] | None = None) -> list[tuple[str, str, str, Callable]]:
     """(name, kind, route name, call) for each ready route and each direct baseline that can run."""
     resp = requests.get(f"{url}/v1/models/{model}", timeout=30)
     if resp.status_code != 200:
         raise RuntimeError(f"{url}/v1/models/{model} answered {resp.status_code}: {resp.text[:300]}")
     detail = resp.json()
+    task = detail.get("task", "classification")
     out = []
     for info in detail["routes"]:
         if only and info["name"] not in only:
@@ -101,8 +116,10 @@ def targets(url: str, config, model: str, baselines: bool, log,
         if not info["ready"]:
             log(f"skip route {info['name']}: not ready")
             continue
-        out.append((f"gateway -> {info['name']}", "gateway", info["name"], _gateway_call(url, model, info["name"])))
-        make = BASELINES.get(info["kind"]) if baselines else None
+        out.append((f"gateway -> {info['name']}", "gateway", info["name"],
+                    _gateway_call(url, model, info["name"], task)))
+        make = BASELINES.get(info["kind"]) if baselines and (task == "classification" or info["kind"] == "embedded") \
+            else None
         if make is None:
             continue
         route = next((r for r in config.models[model].routes if r.name == info["name"]), None)
@@ -221,7 +238,7 @@ def bench_command(args) -> int:
             return 2
     else:
         images = list(sample_photos().values())
-    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr)
     gateway = None
     try:
         if args.url is None:
@@ -229,7 +246,8 @@ def bench_command(args) -> int:
 
             gateway = LocalGateway(Path(args.config).resolve(), workers=args.workers,
                                    log_path=config.root / "run" / "bench-gateway.log")
-        rows = run_bench(args.url or gateway.url, config, args.model, images, concurrency, args.requests,
+        url = args.url or gateway.url  # type: ignore[union-attr]  # one of the two exists
+        rows = run_bench(url, config, args.model, images, concurrency, args.requests,
                          args.out, baselines=not args.no_baselines, progress=not args.no_progress, log=log,
                          duration=args.duration, only=args.routes.split(",") if args.routes else None)
     except (RuntimeError, requests.RequestException) as exc:

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "gateway.bench",          # bench
     "gateway.batch",          # batch
     "gateway.evaluation",     # eval
+    "gateway.serverless.package",  # package lambda
 )
 
 

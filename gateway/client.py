@@ -21,8 +21,8 @@ class ClientError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
-def _read(image: bytes | str | Path) -> bytes:
-    return image if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
+def _read(image: bytes | bytearray | str | Path) -> bytes:
+    return bytes(image) if isinstance(image, (bytes, bytearray)) else Path(image).read_bytes()
 
 
 class GatewayClient:

@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -24,12 +24,14 @@ from gateway.backends.embedded import EmbeddedBackend, EmbeddedSettings
 from gateway.backends.tfserving import TFServingBackend, TFServingSettings
 from gateway.backends.torchserve import TorchServeBackend, TorchServeSettings
 from gateway.backends.triton import TritonBackend, TritonSettings
+from gateway.detection import BOX_RESIZES, DetectionSpec
 from gateway.preprocess import PreprocessSpec, SpecError
 from gateway.settings import ConfigPath, Name, NonNegInt, PosInt, Settings
 
 log = logging.getLogger("gateway")
 
-PACKAGE_LABELS = {"imagenet": Path(__file__).parent / "data" / "imagenet_labels.txt"}
+PACKAGE_LABELS = {"imagenet": Path(__file__).parent / "data" / "imagenet_labels.txt",
+                  "coco": Path(__file__).parent / "data" / "coco80_labels.txt"}
 BACKEND_KINDS: dict[str, type[Backend]] = {
     "embedded": EmbeddedBackend, "triton": TritonBackend, "torchserve": TorchServeBackend,
     "tfserving": TFServingBackend,
@@ -96,15 +98,17 @@ class RouteSettings(Settings):
 
 
 class ModelSettings(Settings):
-    labels: Name = "imagenet"  # "imagenet" or a labels file, one name per line
+    task: Literal["classification", "detection"] = "classification"
+    labels: Name = "imagenet"  # "imagenet", "coco" or a labels file, one name per line
     weights: Name = "auto"  # "auto": what artifacts.json says the build got
     preprocess: PreprocessSettings = PreprocessSettings()
-    output: Output = "logits"  # what the model's scores are, whatever the route
+    output: Output = "logits"  # classification: what the model's scores are, whatever the route
+    postprocess: dict[str, Any] | None = None  # detection: gateway.detection.DetectionSpec's fields
     routes: Annotated[list[RouteSettings], Field(min_length=1)]
 
 
 AnyBackendSettings = Annotated[
-    Union[EmbeddedSettings, TritonSettings, TorchServeSettings, TFServingSettings],
+    EmbeddedSettings | TritonSettings | TorchServeSettings | TFServingSettings,
     Field(discriminator="kind")]
 
 
@@ -138,6 +142,8 @@ class ModelConfig:
     preprocess_source: str
     output: str
     routes: tuple[Route, ...]
+    task: str = "classification"
+    detection: DetectionSpec | None = None  # a detector's postprocessing
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class GatewayConfig:
         p = Path(value)
         return p if p.is_absolute() else self.root / p
 
-    def with_backend(self, name: str, **changes) -> "GatewayConfig":
+    def with_backend(self, name: str, **changes) -> GatewayConfig:
         """A copy with one backend's settings changed (tests and launchers use it)."""
         settings = self.backends[name]
         changed = type(settings).model_validate({**settings.model_dump(), **changes}, context={"root": self.root})
@@ -170,7 +176,8 @@ def load_config(path: str | Path = "gateway.yaml") -> GatewayConfig:
 
 def _read(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     """The YAML at ``path``; with a top-level ``extends: OTHER.yaml`` (relative to it), that
-    file's mappings with this one's keys merged over them (lists are replaced whole)."""
+    file's mappings with this one's keys merged over them (lists are replaced whole, a key
+    set to null is removed)."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
@@ -186,8 +193,10 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> Any:
 
 
 def _merge(base: Any, over: Any) -> Any:
+    """``over`` merged into ``base``: mappings key by key (a key set to null is removed), the rest replaced."""
     if isinstance(base, dict) and isinstance(over, dict):
-        return {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+        merged = {**base, **{k: _merge(base.get(k), v) for k, v in over.items()}}
+        return {k: v for k, v in merged.items() if not (k in over and over[k] is None)}
     return over
 
 
@@ -231,7 +240,25 @@ def _model(name: str, m: ModelSettings, settings: ConfigSettings, root: Path) ->
         ))
     return ModelConfig(name=name, labels=labels, labels_source=m.labels,
                        weights=_weights(m.weights, name, settings.server.artifacts),
-                       preprocess=spec, preprocess_source=m.preprocess.source, output=m.output, routes=tuple(routes))
+                       preprocess=spec, preprocess_source=m.preprocess.source, output=m.output, routes=tuple(routes),
+                       task=m.task, detection=_detection(m, routes, where))
+
+
+def _detection(m: ModelSettings, routes: list[Route], where: str) -> DetectionSpec | None:
+    """A detector's postprocessing, validated; boxes can only be mapped back through some resizes."""
+    if m.task != "detection":
+        if m.postprocess is not None:
+            raise ConfigError(f"{where}.postprocess: expected only for task: detection, got {m.postprocess!r}")
+        return None
+    for i, route in enumerate(routes):
+        if route.preprocess.resize not in BOX_RESIZES:
+            raise ConfigError(f"{where}.routes[{i}].preprocess.resize: a detector's boxes map back to the photo "
+                              f"only through {list(BOX_RESIZES)}, got {route.preprocess.resize!r}")
+    try:
+        return DetectionSpec.from_dict(m.postprocess or {})
+    except (ValueError, TypeError) as exc:
+        field, _, message = str(exc).partition(": ")
+        raise ConfigError(f"{where}.postprocess.{field}: {message}") from None
 
 
 def _spec(base: dict, settings: PreprocessSettings, where: str) -> PreprocessSpec:
@@ -307,11 +334,12 @@ def _schema_at(loc: tuple, data: dict) -> type[Settings] | None:
     if parts[0] == "models":
         if parts[-1] == "preprocess":
             return PreprocessSettings
-        return {2: ModelSettings, 4: RouteSettings}.get(len(parts))
+        by_depth: dict[int, type[Settings]] = {2: ModelSettings, 4: RouteSettings}
+        return by_depth.get(len(parts))
     return None
 
 
-def _describe(error: dict, data: dict) -> str:
+def _describe(error: Any, data: dict) -> str:
     loc, kind, given = tuple(error["loc"]), error["type"], error.get("input")
     where = _where(loc, data)
     if kind == "extra_forbidden":

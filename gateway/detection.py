@@ -236,3 +236,14 @@ def detections(raw_batch: np.ndarray, photo_sizes: Sequence[tuple[int, int]], la
     if raw_batch.shape[-1] != 5 + len(labels):
         raise ValueError(f"backend returned {raw_batch.shape[-1] - 5} classes, the model has {len(labels)} labels")
     return [image_detections(raw, size, labels, preprocess, spec) for raw, size in zip(raw_batch, photo_sizes)]
+
+
+def rescale(found: list[dict], decoded_size: tuple[int, int], photo_size: tuple[int, int]) -> list[dict]:
+    """Detections in the decoded copy's pixels -> in the photo's own pixels (JPEG draft decoding
+    may have decoded a 1/2, 1/4 or 1/8 copy), clipped to the photo."""
+    if tuple(decoded_size) == tuple(photo_size):
+        return found
+    fx, fy = photo_size[0] / decoded_size[0], photo_size[1] / decoded_size[1]
+    limits = {"x1": photo_size[0], "x2": photo_size[0], "y1": photo_size[1], "y2": photo_size[1]}
+    return [{**d, "box": {k: min(limits[k], v * (fx if k[0] == "x" else fy)) for k, v in d["box"].items()}}
+            for d in found]

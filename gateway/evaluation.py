@@ -16,9 +16,9 @@ import json
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 TOP_K = 5
 
@@ -113,7 +113,7 @@ def evaluate(classify: Classifier, routes: list[str], photos: list[LabelledPhoto
 
 def report(model: str, results: list[dict], labels: list[str], confused: int = 5) -> str:
     """The table a person reads; the JSON holds the rest."""
-    name = lambda i: labels[i] if 0 <= i < len(labels) else str(i)  # noqa: E731
+    name = lambda i: labels[i] if 0 <= i < len(labels) else str(i)
     ref = results[0]["route"]
     lines = [f"{model}: {results[0]['photos']} labelled photos",
              f"{'route':<14}{'top-1':>7}{'top-5':>7}{'img/s':>8}{'errors':>8}  top-1 agrees with {ref}"]

@@ -1,4 +1,4 @@
-"""Load generation and statistics shared by `gateway bench`, `gateway batch` and benchmarks/."""
+"""Load generation and statistics shared by `gateway bench` and benchmarks/ (sample photos too)."""
 from __future__ import annotations
 
 import io
@@ -6,8 +6,8 @@ import itertools
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 import numpy as np
 
@@ -23,7 +23,8 @@ def sample_photos() -> dict[str, bytes]:
         Image.fromarray(getattr(data, name)()).save(buf, format="JPEG", quality=90)
         out[name] = buf.getvalue()
     buf = io.BytesIO()
-    Image.fromarray(data.astronaut()).resize((1920, 1080), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+    big = Image.fromarray(data.astronaut()).resize((1920, 1080), Image.Resampling.BICUBIC)
+    big.save(buf, format="JPEG", quality=90)
     out["astronaut_1080p"] = buf.getvalue()
     return out
 
@@ -88,7 +89,7 @@ def _resolve(call: Callable) -> Callable:
 
 def per_thread(factory: Callable[[], Callable]) -> Callable:
     """Mark a factory so run_load builds one callable per thread."""
-    factory.per_thread = True
+    factory.per_thread = True  # type: ignore[attr-defined]
     return factory
 
 

@@ -10,6 +10,7 @@ import io
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,7 +31,8 @@ SCALINGS = {
 # stretch: to size, ignoring the aspect ratio; center_crop: shorter side to size/crop_ratio,
 # then the centre; letterbox: the whole photo scaled to fit, padded (detectors)
 RESIZES = ("stretch", "center_crop", "letterbox")
-INTERPOLATIONS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+INTERPOLATIONS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+                  "bicubic": Image.Resampling.BICUBIC}
 PAD_POSITIONS = ("top_left", "center")
 CHANNEL_ORDERS = ("RGB", "BGR")
 LAYOUTS = ("NCHW", "NHWC")
@@ -67,7 +69,7 @@ class PreprocessSpec:
     dtype: str = "float32"
     mean: tuple[float, float, float] | None = None  # override the scaling's mean/std
     std: tuple[float, float, float] | None = None
-    _affine: tuple = field(default=None, init=False, repr=False, compare=False)
+    _affine: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name, value, allowed in (
@@ -99,7 +101,7 @@ class PreprocessSpec:
         object.__setattr__(self, "_affine", (scale, offset))
 
     def to_dict(self) -> dict:
-        out = {"size": list(self.size), "resize": self.resize}
+        out: dict[str, Any] = {"size": list(self.size), "resize": self.resize}
         if self.resize == "center_crop":
             out["crop_ratio"] = self.crop_ratio
         out["interpolation"] = self.interpolation
@@ -113,8 +115,9 @@ class PreprocessSpec:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PreprocessSpec":
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    def from_dict(cls, values: dict) -> PreprocessSpec:
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        return cls(**fields)
 
     def decode_size(self) -> tuple[int, int]:
         """(width, height) the decoded photo needs so that resizing only ever shrinks it:
@@ -134,7 +137,8 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size=None) -> 
 
     ``draft_size`` (width, height) lets the JPEG decoder downscale by 1/2, 1/4 or 1/8
     while decoding, which makes large photos several times cheaper; the result is still
-    at least that big.
+    at least that big. ``original_size(img)`` is then the photo's own size (after EXIF
+    orientation), for coordinates that must refer to the photo, not to the decoded copy.
     """
     if not data:
         raise ImageError("empty image: the body holds no bytes")
@@ -152,17 +156,24 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size=None) -> 
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", _draft_target(img.size, draft_size))
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return to_rgb(img)
+            upright = to_rgb(ImageOps.exif_transpose(img))
+            turned = upright.size != img.size  # EXIF orientations 5-8 swap the axes
+            upright.info["original_size"] = (height, width) if turned else (width, height)
+            return upright
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"image refused as a decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("cannot identify image file: not a supported image format") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError,
-            MemoryError, Image.DecompressionBombError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, MemoryError) as exc:
         raise ImageError(f"image could not be decoded: {exc}") from None
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the photo as sent, upright: decode_image's draft decoding may have
+    returned a smaller copy."""
+    return img.info.get("original_size", img.size)
 
 
 def _draft_target(size, target):
@@ -240,6 +251,7 @@ def normalize(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
         pixels = np.ascontiguousarray(np.moveaxis(pixels, -1, -3))
     if spec.dtype == "uint8":
         return np.ascontiguousarray(pixels)
+    assert spec._affine is not None  # set by __post_init__
     scale, offset = spec._affine
     if spec.layout == "NCHW":
         scale, offset = scale[:, None, None], offset[:, None, None]

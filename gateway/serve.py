@@ -34,7 +34,10 @@ def serve(args) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["GATEWAY_WORKERS"] = str(args.workers)
 
+    from gunicorn import util
     from gunicorn.app.base import BaseApplication
+
+    util.write_error = write_json_error  # gunicorn's own answers (431, a garbled request) in JSON too
 
     class GatewayServer(BaseApplication):
         def load_config(self):
@@ -51,6 +54,9 @@ def serve(args) -> int:
                 "loglevel": "info",
                 "child_exit": _child_exit,
                 "on_exit": lambda server: _cleanup(metrics_dir),
+                # no cap on the request line: a long query reaches the app, which refuses unknown and
+                # repeated parameters by name (a gunicorn 414 would name nothing useful)
+                "limit_request_line": 0,
             }
             for key, value in options.items():
                 self.cfg.set(key, value)
@@ -64,6 +70,20 @@ def serve(args) -> int:
           f"({args.workers} workers x {args.threads} threads)", file=sys.stderr)
     GatewayServer().run()
     return 0
+
+
+def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
+    """gunicorn.util.write_error's replacement: what gunicorn answers itself to a request it
+    cannot parse (malformed request line, headers too large) in the gateway's JSON error shape."""
+    import json
+
+    from gunicorn import util
+
+    code = reason.lower().replace(" ", "_")
+    body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin1")
+    util.write_nonblock(sock, head + body)
 
 
 def _child_exit(server, worker) -> None:

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from gateway import metrics, postprocess
+from gateway import detection, metrics, postprocess
 from gateway.backends.base import Backend
 from gateway.config import GatewayConfig, ModelConfig, Route, backend_class
-from gateway.errors import (BackendBadResponse, BackendError, BackendTimeout, BackendUnavailable, BadRequest,
-                            GatewayError, NotFound, all_routes_failed)
-from gateway.preprocess import ImageError, PreprocessSpec, decode_image, preprocess_image
+from gateway.errors import (
+    BackendBadResponse,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    BadRequest,
+    GatewayError,
+    NotFound,
+    all_routes_failed,
+)
+from gateway.preprocess import ImageError, PreprocessSpec, decode_image, original_size, preprocess_image
 from gateway.routing import RouteHealth
 
 log = logging.getLogger("gateway")
@@ -61,6 +70,19 @@ def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
     if layout != spec.layout:
         batch = batch.transpose((0, 2, 3, 1) if layout == "NCHW" else (0, 3, 1, 2))
     return np.ascontiguousarray(batch, dtype=np.dtype(spec.dtype))
+
+
+@dataclass
+class Detection(Answer):
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.name,
+            "backend": self.route.backend,
+            "route": self.route.name,
+            "weights": self.model.weights,
+            "results": [{"detections": d} for d in self.results],
+            "timings_ms": self.timings_ms,
+        }
 
 
 class Gateway:
@@ -147,9 +169,18 @@ class Gateway:
                 raise BadRequest(f"{where}{exc}", code="invalid_image") from None
         return decoded
 
+    def task_model(self, name: str | None, task: str) -> ModelConfig:
+        """The model, which must do ``task`` (a classifier cannot detect, nor a detector classify)."""
+        model = self.model(name)
+        if model.task != task:
+            verb = {"classification": "classify", "detection": "detect"}[model.task]
+            raise BadRequest(f"model {model.name!r} does {model.task}, not {task}: use "
+                             f"/v1/models/{model.name}/{verb}", code="wrong_task")
+        return model
+
     def classify(self, model_name: str | None, images: list[bytes], top_k: int | None = None,
                  route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Classification:
-        model = self.model(model_name)
+        model = self.task_model(model_name, "classification")
         with self.observed(model, count=len(images), protocol=protocol) as outcome:
             k = top_k or self.config.server.default_top_k
             if not 1 <= k <= len(model.labels):
@@ -157,12 +188,34 @@ class Gateway:
                                  code="invalid_parameter")
             started = time.perf_counter()
             decoded = self.decode(images, model)
-            forced = route is not None or backend is not None
-            answer = self.run(model, self.routes(model, route, backend), forced=forced, started=started,
+            answer = self.run(model, route, backend, started=started,
                               prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
                               finish=lambda r, raw: postprocess.predictions(raw, r.output, model.labels, k))
             outcome["backend"] = answer.route.backend
             return Classification(**vars(answer))
+
+    def detect(self, model_name: str | None, images: list[bytes], params: dict | None = None,
+               route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Detection:
+        """Boxes in each photo's own pixels (after EXIF orientation). ``params`` may override the
+        model's score_threshold, iou_threshold and max_detections (query strings accepted)."""
+        model = self.task_model(model_name, "detection")
+        assert model.detection is not None
+        try:
+            spec = model.detection.with_overrides(params or {})
+        except (ValueError, TypeError) as exc:
+            raise BadRequest(str(exc), code="invalid_parameter") from None
+        with self.observed(model, count=len(images), protocol=protocol) as outcome:
+            started = time.perf_counter()
+            decoded = self.decode(images, model)
+
+            def finish(r: Route, raw: np.ndarray) -> list:
+                found = detection.detections(raw, [im.size for im in decoded], model.labels, r.preprocess, spec)
+                return [detection.rescale(f, im.size, original_size(im)) for f, im in zip(found, decoded)]
+
+            answer = self.run(model, route, backend, started=started, finish=finish,
+                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]))
+            outcome["backend"] = answer.route.backend
+            return Detection(**vars(answer))
 
     def infer_images(self, model_name: str | None, images: list[bytes], route: str | None = None,
                      backend: str | None = None, protocol: str = "rest") -> Answer:
@@ -172,8 +225,7 @@ class Gateway:
         with self.observed(model, count=len(images), protocol=protocol) as outcome:
             started = time.perf_counter()
             decoded = self.decode(images, model)
-            answer = self.run(model, self.routes(model, route, backend), forced=route is not None or backend is not None,
-                              started=started,
+            answer = self.run(model, route, backend, started=started,
                               prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
                               finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
             outcome["backend"] = answer.route.backend
@@ -187,8 +239,7 @@ class Gateway:
         model = self.model(model_name)
         layout = layout or model.preprocess.layout
         with self.observed(model, count=len(batch), protocol=protocol) as outcome:
-            answer = self.run(model, self.routes(model, route, backend), forced=route is not None or backend is not None,
-                              prepare=lambda r: conform(batch, layout, r.preprocess),
+            answer = self.run(model, route, backend, prepare=lambda r: conform(batch, layout, r.preprocess),
                               finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
             outcome["backend"] = answer.route.backend
             return answer
@@ -212,44 +263,47 @@ class Gateway:
         metrics.IMAGES.labels(model.name, backend).inc(count)
         metrics.LATENCY.labels(model.name, backend).observe(time.perf_counter() - started)
 
-    def run(self, model: ModelConfig, routes: list[Route], forced: bool, prepare: Callable[[Route], np.ndarray],
+    def run(self, model: ModelConfig, route: str | None, backend: str | None, prepare: Callable[[Route], np.ndarray],
             finish: Callable[[Route, np.ndarray], Any], started: float | None = None) -> Answer:
-        """Try ``routes`` in order (breaker-aware unless forced): ``prepare`` builds the route's
-        input batch (shared by routes with the same preprocessing), the backend infers,
-        ``finish`` turns its raw output into results. Unavailable and timed-out routes fail
-        over to the next; a rejected input or a bad answer does not. ``started`` is when the
-        request's own work (decoding) began: it counts as preprocessing."""
+        """Try the model's routes in order, breaker-aware (or only the one ``route``/``backend``
+        force): ``prepare`` builds the route's input batch (shared by routes with the same
+        preprocessing), the backend infers, ``finish`` turns its raw output into results.
+        Unavailable and timed-out routes fail over to the next; a rejected input or a bad
+        answer does not. ``started`` is when the request's own work (decoding) began: it counts
+        as preprocessing."""
+        routes = self.routes(model, route, backend)
+        forced = route is not None or backend is not None
         begun = time.perf_counter()
         started = begun if started is None else started
         deadline = started + self.config.server.request_timeout_s
         batches: dict = {}
         failures: list[BackendError] = []
-        for route in routes if forced else self.health.order(routes):
+        for chosen in routes if forced else self.health.order(routes):
             t0 = time.perf_counter()
             if t0 > deadline:  # failover must not outlive the request's time budget
-                failures.append(BackendTimeout(route.backend, "not tried: the request timeout "
+                failures.append(BackendTimeout(chosen.backend, "not tried: the request timeout "
                                                f"({self.config.server.request_timeout_s:g} s) ran out"))
                 break
-            batch = batches.get(route.preprocess)
+            batch = batches.get(chosen.preprocess)
             if batch is None:
-                batch = batches[route.preprocess] = prepare(route)
+                batch = batches[chosen.preprocess] = prepare(chosen)
             t1 = time.perf_counter()
             try:
-                raw = self.backends[route.backend].infer(route, batch)
+                raw = self.backends[chosen.backend].infer(chosen, batch)
             except (BackendUnavailable, BackendTimeout) as exc:
-                self.health.failed(route)
+                self.health.failed(chosen)
                 failures.append(exc)
-                log.warning("route %s/%s failed: %s", model.name, route.name, exc.message)
+                log.warning("route %s/%s failed: %s", model.name, chosen.name, exc.message)
                 continue
-            self.health.succeeded(route)
+            self.health.succeeded(chosen)
             t2 = time.perf_counter()
             try:
-                results = finish(route, raw)
+                results = finish(chosen, raw)
             except ValueError as exc:
-                raise BackendBadResponse(route.backend, str(exc)) from None
+                raise BackendBadResponse(chosen.backend, str(exc)) from None
             t3 = time.perf_counter()
-            metrics.INFERENCE.labels(model.name, route.backend).observe(t2 - t1)
+            metrics.INFERENCE.labels(model.name, chosen.backend).observe(t2 - t1)
             timings = {"preprocess": (begun - started) + (t1 - t0), "inference": t2 - t1,
                        "postprocess": t3 - t2, "total": t3 - started}
-            return Answer(model, route, results, {k: round(v * 1e3, 3) for k, v in timings.items()})
+            return Answer(model, chosen, results, {k: round(v * 1e3, 3) for k, v in timings.items()})
         raise all_routes_failed(model.name, failures)

@@ -20,8 +20,9 @@ import pytest
 import requests
 import yaml
 
-from gateway.config import GatewayConfig, load_config, parse_config
-from gateway.servers.local_gateway import LocalGateway, free_port  # noqa: F401 (re-exported)
+from gateway.config import PACKAGE_LABELS, GatewayConfig, load_config, parse_config
+from gateway.servers.local_gateway import LocalGateway, free_port
+
 from helpers import Api, jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,7 @@ def write_config(config: dict | Path) -> Path:
         if "model_dir" in backend:
             backend["model_dir"] = str(ROOT / backend["model_dir"])
     for model in config.get("models", {}).values():
-        if model.get("labels", "imagenet") != "imagenet":
+        if model.get("labels", "imagenet") not in PACKAGE_LABELS:
             model["labels"] = str(ROOT / model["labels"])
     RUN_DIR.mkdir(parents=True, exist_ok=True)
     path = RUN_DIR / f"gateway-{uuid.uuid4().hex[:8]}.yaml"
@@ -200,7 +201,7 @@ def tfserving_double(tfserving_models):
     TF Serving's REST and gRPC shapes) on tfserving_models: (REST URL, gRPC port)."""
     port, grpc_port = free_port(), free_port()
     (ROOT / "run" / "tests").mkdir(parents=True, exist_ok=True)
-    log = open(ROOT / "run" / "tests" / "tfserving_double.log", "wb")
+    log = open(ROOT / "run" / "tests" / "tfserving_double.log", "wb")  # noqa: SIM115 (the double writes until the end)
     proc = subprocess.Popen([sys.executable, str(ROOT / "tests/tfserving_double.py"), "--models-dir",
                              str(tfserving_models), "--port", str(port), "--grpc-port", str(grpc_port)],
                             stdout=log, stderr=subprocess.STDOUT)

@@ -13,10 +13,11 @@ import pytest
 import requests
 import yaml
 
-from conftest import ROOT
 from gateway.config import load_config, parse_config
 from gateway.evaluation import agreement, evaluate_route, in_process_classifier, read_labels
 from gateway.service import Gateway
+
+from conftest import ROOT
 
 PHOTOS = ROOT / "tests" / "data" / "imagenet-sample"
 TOP1_FLOOR = 0.85  # efficientnet_lite0 measured 0.89 with its training preprocessing, 0.75 without

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from helpers import CAT
 from gateway.batch import list_inputs, load_done, run_batch, shard
 
+from conftest import ROOT
+from helpers import CAT
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +86,14 @@ def test_gateway_outage_stops_without_writing_error_lines(folder, tmp_path):
     stats = run_batch(folder, out, url="http://127.0.0.1:9", progress=False, log=lambda m: None)
     assert "aborted" in stats and stats["written"] == 0
     assert not out.exists() or out.read_text() == ""
+
+
+def test_batch_runs_detection_for_a_detector(gateway_url, folder, tmp_path):
+    """A detection model gives one line per image with its boxes; a corrupt file stays an error line."""
+    out = tmp_path / "boxes.jsonl"
+    stats = run_batch(folder, out, url=gateway_url, model="yolox_nano", progress=False, log=lambda m: None)
+    assert stats["written"] == 9 and stats["errors"] == 1
+    rows = lines(out)
+    assert rows[0]["model"] == "yolox_nano" and rows[0]["detections"][0]["label"] == "cat"
+    assert rows[1]["detections"][0]["label"] == "cup" and "predictions" not in rows[1]
+    assert rows[4]["error"]["code"] == "invalid_image"

@@ -21,7 +21,8 @@ def test_bench_sweep_writes_json_csv_and_png(gateway_url, tmp_path):
     assert {r["concurrency"] for r in results} == {1, 2}
     for r in results:
         assert r["requests"] + r["errors"] == 6 and r["throughput"] > 0 and r["p50_ms"] <= r["p99_ms"]
-    rows = list(csv.DictReader(open(out / "bench.csv")))
+    with open(out / "bench.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == len(results)
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
-from helpers import CAT, CAT_LABELS
 from gateway.client import ClientError, GatewayClient
 
+from conftest import ROOT
+from helpers import CAT, CAT_LABELS
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,10 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from conftest import ROOT
 from gateway.config import load_config
 from gateway.servers import docker as docker_launcher
+
+from conftest import ROOT
 
 COMPOSE = ROOT / "compose"
 STACK = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())

@@ -4,8 +4,9 @@ import sys
 
 import pytest
 
-from conftest import ROOT, load_yaml_config, write_config
 from gateway.config import ConfigError, load_config, parse_config
+
+from conftest import ROOT, load_yaml_config, write_config
 
 
 def parse(data):
@@ -109,7 +110,8 @@ def test_yaml_syntax_error_is_reported(tmp_path):
     ("backends.embedded.intra_op_threads", -1,
      "backends.embedded.intra_op_threads: input should be greater than or equal to 0, got -1"),
     ("models.efficientnet_lite0.preprocess.resize", "zoom",
-     "models.efficientnet_lite0.preprocess.resize: expected one of ['center_crop', 'letterbox', 'stretch'], got 'zoom'"),
+     "models.efficientnet_lite0.preprocess.resize: "
+     "expected one of ['center_crop', 'letterbox', 'stretch'], got 'zoom'"),
     ("server.colour", "blue", "server.colour: unknown key (allowed: default_model, default_top_k"),
 ])
 def test_errors_name_the_key_what_was_expected_and_what_was_given(path, value, message):
@@ -145,4 +147,14 @@ def test_paths_resolve_against_the_config_file_and_extends_merges(tmp_path):
     assert config.backends["torchserve"].token_file == tmp_path / "key_file.json"
     assert config.backends["embedded"].model_dir == tmp_path / "models"
     assert config.backends["torchserve"].url == "http://127.0.0.1:8080"  # from the base file
-    assert set(config.models) == {"efficientnet_lite0", "mobilenet_v2"}
+    assert set(config.models) == {"efficientnet_lite0", "mobilenet_v2", "yolox_nano"}
+
+
+def test_extends_removes_a_key_set_to_null(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {ROOT / 'gateway.yaml'}\nbackends:\n  tfserving: null\n"
+                     "models:\n  efficientnet_lite0:\n    routes: [{backend: embedded}]\n  mobilenet_v2: null\n")
+    config = load_config(child)
+    assert "tfserving" not in config.backends and "mobilenet_v2" not in config.models
+    assert [r.name for r in config.models["efficientnet_lite0"].routes] == ["embedded"]
+    assert config.models["efficientnet_lite0"].preprocess.scaling == "efficientnet_lite"  # still the base's

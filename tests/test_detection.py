@@ -28,7 +28,7 @@ from gateway.export import yolox
 from gateway.preprocess import PreprocessSpec, decode_image, preprocess_bytes, resize
 
 ROOT = Path(__file__).resolve().parent.parent
-LABELS = [line for line in (ROOT / "models/yolox_nano/coco80.txt").read_text().splitlines() if line]
+LABELS = [line for line in (ROOT / "gateway/data/coco80_labels.txt").read_text().splitlines() if line]
 # the YOLOX convention (models/yolox_nano/README.md), as gateway.yaml declares it
 YOLOX_PREPROCESS = PreprocessSpec(size=(416, 416), resize="letterbox", pad_value=114, pad_position="top_left",
                                   channels="BGR", scaling="raw", layout="NCHW", dtype="float32")
@@ -243,7 +243,8 @@ def test_detections_sorted_thresholded_capped_and_in_photo_pixels():
     half = math.exp(2.0) * 8 / 2
     assert found[0]["box"] == pytest.approx({"x1": (84 - half) * 2, "y1": (84 - half) * 2,
                                              "x2": (84 + half) * 2, "y2": (84 + half) * 2}, rel=1e-5)
-    (top1,) = detections(raw[None], [(832, 624)], LABELS, YOLOX_PREPROCESS, spec.with_overrides({"max_detections": "1"}))
+    one = spec.with_overrides({"max_detections": "1"})
+    (top1,) = detections(raw[None], [(832, 624)], LABELS, YOLOX_PREPROCESS, one)
     assert [d["label"] for d in top1] == ["person"]
     agnostic = detections(raw[None], [(832, 624)], LABELS, YOLOX_PREPROCESS, DetectionSpec(class_aware=False))
     assert [d["label"] for d in agnostic[0]] == ["person", "car"]
@@ -422,3 +423,105 @@ def test_format_detections_prints_one_line_per_box():
 def test_drawing_path():
     assert drawing_path("out.png", "photos/a.jpg", several=False) == Path("out.png")
     assert drawing_path("out/boxes.png", "photos/a.jpg", several=True) == Path("out/boxes_a.png")
+
+
+# --- through the gateway: POST /v1/models/yolox_nano/detect ---
+
+def post_detect(api, data: bytes, model: str = "yolox_nano", **params):
+    return api.post(f"/v1/models/{model}/detect", data=data, params=params,
+                    headers={"Content-Type": "application/octet-stream"})
+
+
+def assert_routes_agree(api, photos: dict, route: str) -> None:
+    """A route's detections equal the embedded route's: IoU >= 0.99 per box, scores within 1e-4
+    (two onnxruntime sessions on the same file: float noise only), the same labels in order."""
+    for name, data in photos.items():
+        ours, theirs = (post_detect(api, data, route=r) for r in ("embedded", route))
+        assert ours.status_code == theirs.status_code == 200, theirs.text
+        assert theirs.json()["route"] == route
+        a, b = (resp.json()["results"][0]["detections"] for resp in (ours, theirs))
+        assert [d["label"] for d in a] == [d["label"] for d in b] and a, name
+        for x, y in zip(a, b):
+            assert box_iou(x["box"], tuple(y["box"][k] for k in ("x1", "y1", "x2", "y2"))) >= 0.99
+            assert abs(x["score"] - y["score"]) <= 1e-4
+
+
+def test_detect_endpoint_finds_the_astronaut_in_her_photos_pixels(api, photo_jpegs):
+    resp = post_detect(api, photo_jpegs["astronaut"])
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert (body["model"], body["backend"]) == ("yolox_nano", "embedded")
+    assert set(body["timings_ms"]) == {"preprocess", "inference", "postprocess", "total"}
+    best = body["results"][0]["detections"][0]
+    assert best["label"] == "person" and best["index"] == 0 and best["score"] > 0.8
+    assert box_iou(best["box"], HAND_BOXES["astronaut"][1]) > 0.8
+
+
+def test_boxes_stay_in_the_photos_own_pixels_when_jpeg_decoding_is_drafted(api):
+    """A 2048x2048 JPEG is decoded at 1/4 scale (draft mode, >= 416 px): the boxes must still be
+    in the 2048 px photo's coordinates, i.e. 4x those of the 512 px original."""
+    from skimage import data
+
+    small = Image.fromarray(data.astronaut())
+    big = jpeg(small.resize((2048, 2048), Image.BICUBIC), None)
+    assert decode_image(big, draft_size=(416, 416)).size == (512, 512)  # drafted indeed
+    at_512 = post_detect(api, jpeg(small, None)).json()["results"][0]["detections"][0]["box"]
+    at_2048 = post_detect(api, big).json()["results"][0]["detections"][0]["box"]
+    assert box_iou({k: v / 4 for k, v in at_2048.items()}, tuple(at_512[k] for k in ("x1", "y1", "x2", "y2"))) > 0.95
+    assert max(at_2048.values()) > 1500 and max(at_2048.values()) <= 2048
+
+
+def test_exif_rotated_photo_gets_boxes_in_its_upright_pixels(api):
+    """The astronaut stored sideways with EXIF orientation 8: boxes refer to the upright photo."""
+    from skimage import data
+
+    upright = Image.fromarray(data.astronaut())
+    exif = Image.Exif()
+    exif[0x0112] = 8  # rotate 90 degrees clockwise to view: stored rotated counter-clockwise
+    stored = upright.transpose(Image.Transpose.ROTATE_270)
+    resp = post_detect(api, jpeg(stored, exif))
+    best = resp.json()["results"][0]["detections"][0]
+    assert best["label"] == "person" and box_iou(best["box"], HAND_BOXES["astronaut"][1]) > 0.8
+
+
+def test_several_images_and_every_body_form(api, photo_jpegs):
+    import base64
+
+    order = ["coffee", "astronaut", "chelsea"]
+    multipart = api.post("/v1/models/yolox_nano/detect",
+                         files=[("image", (f"{n}.jpg", photo_jpegs[n], "image/jpeg")) for n in order])
+    as_json = api.post("/v1/models/yolox_nano/detect",
+                       json={"images": [base64.b64encode(photo_jpegs[n]).decode() for n in order]})
+    for resp in (multipart, as_json):
+        assert resp.status_code == 200, resp.text
+        tops = [r["detections"][0]["label"] for r in resp.json()["results"]]
+        assert tops == ["cup", "person", "cat"]
+
+
+def test_detection_parameters_and_wrong_tasks_are_clear_errors(api, photo_jpegs):
+    from helpers import assert_error
+
+    data = photo_jpegs["coffee"]
+    one = post_detect(api, data, max_detections=1).json()["results"][0]["detections"]
+    assert len(one) == 1 and one[0]["label"] == "cup"
+    strict = post_detect(api, data, score_threshold=0.85).json()["results"][0]["detections"]
+    assert [d["label"] for d in strict] == ["cup"]
+    for params in ({"score_threshold": "high"}, {"score_threshold": "2"}, {"iou_threshold": "-0.1"},
+                   {"max_detections": "0"}, {"max_detections": "1.5"}, {"score_threshold": "nan"},
+                   {"top_k": "3"}):
+        assert_error(post_detect(api, data, **params), 400, "invalid_parameter")
+    assert_error(post_detect(api, b"not an image"), 400, "invalid_image")
+    assert_error(api.post("/v1/models/yolox_nano/classify", data=data), 400, "wrong_task")
+    assert_error(post_detect(api, data, model="efficientnet_lite0"), 400, "wrong_task")
+    assert_error(post_detect(api, data, model="nope"), 404, "unknown_model")
+
+
+def test_models_listing_and_openapi_describe_the_detector(api):
+    detail = api.get("/v1/models/yolox_nano").json()
+    assert detail["task"] == "detection" and detail["labels"] == 80 and detail["labels_source"] == "coco"
+    assert detail["postprocess"]["iou_threshold"] == 0.45 and detail["preprocess"]["resize"] == "letterbox"
+    spec = api.get("/openapi.json").json()
+    detect = spec["paths"]["/v1/models/{model}/detect"]["post"]
+    assert detect["parameters"][0]["schema"]["enum"] == ["yolox_nano"]
+    classify = spec["paths"]["/v1/models/{model}/classify"]["post"]
+    assert "yolox_nano" not in classify["parameters"][0]["schema"]["enum"]

@@ -10,10 +10,11 @@ import onnxruntime as ort
 import pytest
 import requests
 from PIL import Image
-from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS
 
 from gateway.detection import DetectionSpec, detections, iou
 from gateway.preprocess import decode_image, preprocess_bytes
+
+from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS, assert_routes_agree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,15 +33,8 @@ def photos():
 
 @pytest.fixture(scope="module")
 def yolox_url(torchserve_server):
-    """yolox_nano.mar registered on the running TorchServe (gateway.yaml does not route to it yet)."""
-    settings = torchserve_server.backends["torchserve"]
-    management = settings.management
-    resp = requests.post(f"{management}/models", params={
-        "url": "yolox_nano.mar", "model_name": "yolox_nano", "initial_workers": 1, "synchronous": "true",
-        "batch_size": 4, "max_batch_delay": 20}, timeout=120)
-    assert resp.status_code == 200, resp.text
-    yield f"{settings.url}/predictions/yolox_nano"
-    requests.delete(f"{management}/models/yolox_nano", timeout=60)
+    """yolox_nano.mar, loaded at start because gateway.yaml routes yolox_nano to TorchServe."""
+    return f"{torchserve_server.backends['torchserve'].url}/predictions/yolox_nano"
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -100,3 +94,9 @@ def test_torchserve_refuses_bad_input_and_keeps_serving(yolox_url, photos, batch
     ok = post(yolox_url, npy(batch[:1]))
     assert ok.status_code == 200
     np.testing.assert_allclose(np.load(io.BytesIO(ok.content)), local[:1], atol=1e-4)  # as above
+
+
+def test_the_gateways_torchserve_route_finds_what_embedded_finds(torchserve_server, make_api, photos):
+    """Through the gateway: the same boxes (IoU >= 0.99) and scores (within 1e-4, float noise
+    between two onnxruntime sessions with other thread counts) on the TorchServe route."""
+    assert_routes_agree(make_api(torchserve_server), photos, "torchserve")

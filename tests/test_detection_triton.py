@@ -10,10 +10,11 @@ import pytest
 import requests
 import tritonclient.http as httpclient
 from PIL import Image
-from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS
 
 from gateway.detection import DetectionSpec, detections, iou
 from gateway.preprocess import decode_image, preprocess_bytes
+
+from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS, assert_routes_agree
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,3 +76,8 @@ def test_triton_equals_onnxruntime_in_process_and_finds_the_same_boxes(client, p
         for a, b in zip(theirs, ours):  # the issue's route-parity criterion
             boxes = [np.array([d["box"][k] for k in ("x1", "y1", "x2", "y2")]) for d in (a, b)]
             assert iou(boxes[0], boxes[1][None])[0] >= 0.99 and abs(a["score"] - b["score"]) <= 1e-4
+
+
+def test_the_gateways_triton_route_finds_what_embedded_finds(triton_server, make_api, photos):
+    """Through the gateway: the same boxes (IoU >= 0.99) and scores (within 1e-4) on Triton."""
+    assert_routes_agree(make_api(triton_server), photos, "triton")

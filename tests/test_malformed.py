@@ -14,7 +14,6 @@ from PIL import Image
 from conftest import load_yaml_config
 from helpers import b64, encode, png_claiming
 
-
 JPEG = encode(Image.new("RGB", (64, 48), (200, 30, 30)), "JPEG")
 PNG = encode(Image.new("RGB", (64, 48), (30, 200, 30)), "PNG")
 
@@ -154,7 +153,7 @@ def test_api_keys_protect_everything_but_health(make_api):
     config = load_yaml_config()
     config["server"]["api_keys"] = ["s3cret-key", "other-key"]
     url = make_api(config)
-    post = lambda headers: url.post("/v1/classify", data=JPEG,  # noqa: E731
+    post = lambda headers: url.post("/v1/classify", data=JPEG,
                                          headers={"Content-Type": "image/jpeg", **headers})
     assert post({}).status_code == 401 and post({}).json()["error"]["code"] == "missing_api_key"
     assert post({"X-API-Key": "s3cret-kex"}).json()["error"]["code"] == "invalid_api_key"

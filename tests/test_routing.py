@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT
 from gateway.backends.base import Backend, BackendSettings
 from gateway.config import load_config
-from gateway.errors import BackendBadResponse, BackendTimeout, BackendUnavailable
+from gateway.errors import BackendBadResponse, BackendTimeout, BackendUnavailable, BadRequest
 from gateway.routing import RouteHealth
 from gateway.service import Gateway
+
+from conftest import ROOT
 
 
 class ScriptedBackend(Backend):
@@ -175,5 +176,5 @@ def test_a_tensor_reaches_each_route_in_its_engines_layout_and_meaning():
     assert answer.results[0, 7] == np.float32(np.log(10.0))
     nhwc = gateway.infer_tensor("mobilenet_v2", np.zeros((1, 224, 224, 3), np.float32), layout="NHWC", route="triton")
     assert seen[-1] == ("triton", (1, 3, 224, 224), np.float32) and nhwc.results.shape == (1, 1000)
-    with pytest.raises(Exception, match=r"expected a batch of shape \[N, 3, 224, 224\] \(NCHW\), got \[2, 3, 100, 100\]"):
+    with pytest.raises(BadRequest, match=r"expected a batch of shape \[N, 3, 224, 224\] \(NCHW\), got \[2, 3, 1"):
         conform(np.zeros((2, 3, 100, 100), np.float32), "NCHW", CONFIG.models["mobilenet_v2"].preprocess)

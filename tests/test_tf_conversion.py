@@ -10,8 +10,8 @@ folded constants): measured up to 1.1e-5 on EfficientNet-Lite0's logits and 1.4e
 probabilities, so 1e-4 holds on any x86-64 CPU with margin.
 """
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,10 +21,11 @@ import pytest
 import requests
 import torch
 
-from conftest import ROOT, load_yaml_config
 from gateway.cli import main as gateway_cli
 from gateway.export import tf_convert
 from gateway.postprocess import softmax
+
+from conftest import ROOT, load_yaml_config
 from helpers import CAT, COFFEE, classify
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

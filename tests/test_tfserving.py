@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, free_port, load_yaml_config
 from gateway.backends.tfserving import TFServingBackend, TFServingSettings
 from gateway.config import load_config
 from gateway.errors import BackendBadResponse, BackendRejected, BackendTimeout, BackendUnavailable
 from gateway.service import Gateway
+
+from conftest import ROOT, free_port, load_yaml_config
 from helpers import SAME_ENGINE_ATOL, SAME_WEIGHTS_ATOL, classify, preprocessed
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

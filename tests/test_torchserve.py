@@ -3,24 +3,25 @@
 Covers the seed-style JPEG path straight to TorchServe, the gateway's .npy path, parity with
 the embedded backend, bad input (4xx, the worker keeps serving), token auth, and faults.
 """
+import dataclasses
 import io
 import json
 import re
-import dataclasses
 
 import numpy as np
 import pytest
 import requests
 import yaml
 
-from conftest import ROOT, free_port, load_yaml_config
 from gateway.backends.torchserve import TorchServeBackend
 from gateway.config import load_config
 from gateway.errors import BackendRejected, BackendUnavailable
 from gateway.postprocess import softmax
 from gateway.servers import torchserve as launcher
 from gateway.service import Gateway
-from helpers import CAT_LABELS, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
+
+from conftest import ROOT, free_port, load_yaml_config
+from helpers import CAT_LABELS, SAME_ENGINE_ATOL, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,8 @@ def test_torchserve_handler_uses_the_gateways_preprocessing(gateway, photos, tor
     answer = requests.post(f"{url}/predictions/efficientnet_lite0", data=photos[0], timeout=60).json()
     labels = gateway.config.models["efficientnet_lite0"].labels
     for label, score in answer.items():
-        assert score == pytest.approx(probs[labels.index(label)], abs=1e-5)
+        # the same pixels and weights; TorchServe may batch either request with others (kernels per batch size)
+        assert score == pytest.approx(probs[labels.index(label)], abs=SAME_ENGINE_ATOL)
 
 
 def test_torchserve_bad_input_gets_4xx_and_the_worker_keeps_serving(gateway, torchserve_server, photos):
@@ -146,7 +148,8 @@ def test_torchserve_token_auth_kept_on_with_the_key_file(torchserve_with_token_a
     assert backend.infer(route, batch).shape == (2, 1000)  # bearer keys read from key_file.json
     assert backend.metadata(route)["workers"][0]["status"] == "READY"
 
-    wrong = TorchServeBackend("torchserve", config.with_backend("torchserve", token="not-the-key").backends["torchserve"])
+    wrong_key = config.with_backend("torchserve", token="not-the-key").backends["torchserve"]
+    wrong = TorchServeBackend("torchserve", wrong_key)
     assert not wrong.ready(route)
     with pytest.raises(BackendUnavailable, match="token"):
         wrong.infer(route, batch)
@@ -165,7 +168,8 @@ def test_torchserve_archives_are_rebuilt_only_when_stale(tmp_path):
     for p in inputs:
         p.write_text("x")
         os.utime(p, (1, 1))
-    route = next(r for r in load_config(ROOT / "gateway.yaml").models["mobilenet_v2"].routes if r.backend == "torchserve")
+    routes = load_config(ROOT / "gateway.yaml").models["mobilenet_v2"].routes
+    route = next(r for r in routes if r.backend == "torchserve")
     spec = json.dumps(route.preprocess.to_dict(), sort_keys=True)
     assert launcher._stale(mar, inputs, spec) == ""
     assert "preprocessing changed" in launcher._stale(mar, inputs, spec.replace("imagenet", "tf"))

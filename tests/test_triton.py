@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import ROOT, free_port, load_yaml_config
 from gateway.backends.triton import TritonBackend
 from gateway.errors import BackendRejected, BackendUnavailable
 from gateway.postprocess import softmax
 from gateway.servers import triton as launcher
 from gateway.service import Gateway
+
+from conftest import ROOT, free_port, load_yaml_config
 from helpers import CAT, COFFEE, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
 
 

@@ -13,7 +13,7 @@ from flask import Request
 
 from gateway.errors import BadRequest, UnsupportedMediaType
 
-QUERY_PARAMS = ("top_k", "route", "backend")
+ROUTING_PARAMS = ("route", "backend")
 # No Content-Type (curl -T) and curl --data-binary's default form type carry raw bytes too.
 RAW_TYPES = ("application/octet-stream", "", "application/x-www-form-urlencoded")
 
@@ -83,27 +83,30 @@ def _b64(value, where: str) -> bytes:
     return data
 
 
-def read_params(request: Request) -> tuple[int | None, str | None, str | None]:
-    """(top_k, route, backend): ``route`` forces a route by name, ``backend`` the route to a
-    backend (a route name is accepted there too, as it always was); both: that route, which
-    must be on that backend."""
+def read_query(request: Request, accepted: tuple[str, ...]) -> dict[str, str]:
+    """The query parameters, each at most once and none unknown; ``route`` names a route,
+    ``backend`` a backend (or a route, as it always could); both: that route on that backend."""
     args = request.args
-    extra = sorted(set(args) - set(QUERY_PARAMS))
+    extra = sorted(set(args) - set(accepted))
     if extra:
-        raise BadRequest(f"unknown query parameter {extra[0]!r} (accepted: {', '.join(QUERY_PARAMS)})",
+        raise BadRequest(f"unknown query parameter {extra[0]!r} (accepted: {', '.join(accepted)})",
                          code="invalid_parameter")
-    for name in QUERY_PARAMS:
+    for name in accepted:
         if len(args.getlist(name)) > 1:
             raise BadRequest(f"query parameter {name!r} given more than once", code="invalid_parameter")
-    top_k = args.get("top_k")
-    if top_k is not None:
-        try:
-            top_k = int(top_k)
-        except ValueError:
-            raise BadRequest(f"top_k must be an integer, got {top_k!r}", code="invalid_parameter") from None
-        if top_k < 1:
-            raise BadRequest(f"top_k must be at least 1, got {top_k}", code="invalid_parameter")
     for name in ("route", "backend"):
         if name in args and not args[name]:
             raise BadRequest(f"{name} must not be empty", code="invalid_parameter")
-    return top_k, args.get("route"), args.get("backend")
+    return {name: args[name] for name in accepted if name in args}
+
+
+def read_top_k(query: dict[str, str]) -> int | None:
+    if "top_k" not in query:
+        return None
+    try:
+        top_k = int(query["top_k"])
+    except ValueError:
+        raise BadRequest(f"top_k must be an integer, got {query['top_k']!r}", code="invalid_parameter") from None
+    if top_k < 1:
+        raise BadRequest(f"top_k must be at least 1, got {top_k}", code="invalid_parameter")
+    return top_k

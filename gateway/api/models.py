@@ -24,9 +24,11 @@ def _route_info(gateway, route, with_metadata: bool) -> dict:
 
 def describe(gateway, model, with_metadata: bool = False) -> dict:
     routes = [_route_info(gateway, r, with_metadata) for r in model.routes]
+    task = {"task": model.task, **({"postprocess": model.detection.to_dict()} if model.detection else
+                                   {"output": model.output})}
     return {
-        "name": model.name, "weights": model.weights, "labels": len(model.labels),
-        "labels_source": model.labels_source, "output": model.output,
+        "name": model.name, **task, "weights": model.weights, "labels": len(model.labels),
+        "labels_source": model.labels_source,
         "preprocess": model.preprocess.to_dict(), "preprocess_source": model.preprocess_source,
         "default": model.name == gateway.config.server.default_model,
         "ready": any(r["ready"] for r in routes), "routes": routes,

@@ -1,7 +1,11 @@
 """GET /openapi.json: an OpenAPI 3.0 description of the API, built from the live config."""
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Blueprint, current_app, jsonify
+
+from gateway.detection import MAX_DETECTIONS_LIMIT
 
 bp = Blueprint("openapi", __name__)
 
@@ -13,7 +17,7 @@ ERROR = {
 PREDICTION = {"type": "object", "required": ["label", "index", "score"], "properties": {
     "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
     "score": {"type": "number", "minimum": 0, "maximum": 1}}}
-CLASSIFICATION = {
+CLASSIFICATION: dict[str, Any] = {
     "type": "object", "required": ["model", "backend", "weights", "results", "timings_ms"],
     "properties": {
         "model": {"type": "string"}, "backend": {"type": "string"}, "route": {"type": "string"},
@@ -24,6 +28,18 @@ CLASSIFICATION = {
             k: {"type": "number"} for k in ("preprocess", "inference", "postprocess", "total")}},
     },
 }
+
+
+BOX = {"type": "object", "required": ["label", "index", "score", "box"], "properties": {
+    "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+    "score": {"type": "number", "minimum": 0, "maximum": 1},
+    "box": {"type": "object", "required": ["x1", "y1", "x2", "y2"],
+            "description": "in the photo's own pixels after EXIF orientation, clipped to it",
+            "properties": {k: {"type": "number", "minimum": 0} for k in ("x1", "y1", "x2", "y2")}}}}
+DETECTION = {**CLASSIFICATION, "properties": {
+    **CLASSIFICATION["properties"],
+    "results": {"type": "array", "items": {"type": "object", "required": ["detections"], "properties": {
+        "detections": {"type": "array", "items": {"$ref": "#/components/schemas/Box"}}}}}}}
 
 
 def _error_responses(*statuses: int) -> dict:
@@ -39,11 +55,27 @@ def _route_choices(models) -> list[str]:
     return sorted({name for m in models for r in m.routes for name in (r.name, r.backend)})
 
 
-def _classify_operation(config, with_model: bool) -> dict:
-    models = config.models.values() if with_model else [config.models[config.server.default_model]]
-    params = [
-        {"name": "top_k", "in": "query", "required": False,
-         "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": config.server.default_top_k}},
+def _images_body(config) -> dict:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"required": True, "content": {
+        "image/jpeg": binary, "image/png": binary, "application/octet-stream": binary,
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["image"], "additionalProperties": False,
+            "properties": {"image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
+                                     "description": f"one file per image, at most {config.server.max_images}"}}}},
+        "application/json": {"schema": {"oneOf": [
+            {"type": "object", "required": ["image"], "additionalProperties": False, "properties": {
+                "image": {"type": "string", "format": "byte", "minLength": 4,
+                          "description": "base64 (a data: URL is accepted too)"}}},
+            {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
+                "images": {"type": "array", "minItems": 1, "maxItems": config.server.max_images, "items": {
+                    "type": "string", "format": "byte", "minLength": 4}}}},
+        ]}},
+    }}
+
+
+def _routing_params(models) -> list[dict]:
+    return [
         {"name": "route", "in": "query", "required": False,
          "description": "force one route by its name; a name this model has no route for is a 404",
          "schema": {"type": "string", "enum": sorted({r.name for m in models for r in m.routes})}},
@@ -52,61 +84,82 @@ def _classify_operation(config, with_model: bool) -> dict:
                         "with route, that route must be on this backend",
          "schema": {"type": "string", "enum": _route_choices(models)}},
     ]
+
+
+def _operation(config, task: str, with_model: bool) -> dict:
+    """classify (task classification) or detect (task detection) on one model or the default one."""
+    if with_model:
+        models = [m for m in config.models.values() if m.task == task]
+    else:
+        models = [config.models[config.server.default_model]]
+    if task == "classification":
+        params = [{"name": "top_k", "in": "query", "required": False, "schema": {
+            "type": "integer", "minimum": 1, "maximum": 1000, "default": config.server.default_top_k}}]
+        summary, schema, answer = "Classify one or more images", "Classification", "top-k per image, in request order"
+    else:
+        params = [{"name": name, "in": "query", "required": False, "schema": {"type": "number", "minimum": 0,
+                                                                               "maximum": 1}}
+                  for name in ("score_threshold", "iou_threshold")]
+        params.append({"name": "max_detections", "in": "query", "required": False,
+                       "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DETECTIONS_LIMIT}})
+        summary, schema, answer = "Detect objects in one or more images", "Detection", "boxes per image, in order"
+    params += _routing_params(models)
     if with_model:
         params.insert(0, {"name": "model", "in": "path", "required": True,
-                          "schema": {"type": "string", "enum": sorted(config.models)}})
-    binary = {"schema": {"type": "string", "format": "binary"}}
+                          "schema": {"type": "string", "enum": sorted(m.name for m in models)}})
     return {
-        "summary": "Classify one or more images" + ("" if with_model else " with the default model"),
+        "summary": summary + ("" if with_model else " with the default model"),
         "parameters": params,
-        "requestBody": {"required": True, "content": {
-            "image/jpeg": binary, "image/png": binary, "application/octet-stream": binary,
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"], "additionalProperties": False,
-                "properties": {"image": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"},
-                                         "description": f"one file per image, at most {config.server.max_images}"}}}},
-            "application/json": {"schema": {"oneOf": [
-                {"type": "object", "required": ["image"], "additionalProperties": False, "properties": {
-                    "image": {"type": "string", "format": "byte", "minLength": 4,
-                              "description": "base64 (a data: URL is accepted too)"}}},
-                {"type": "object", "required": ["images"], "additionalProperties": False, "properties": {
-                    "images": {"type": "array", "minItems": 1, "maxItems": config.server.max_images, "items": {
-                    "type": "string", "format": "byte", "minLength": 4}}}},
-            ]}},
-        }},
+        "requestBody": _images_body(config),
         "responses": {
-            "200": {"description": "top-k per image, in request order", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/Classification"}}}},
+            "200": {"description": answer, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
             **_error_responses(400, 401, 404, 413, 415, 502, 503, 504),
         },
     }
 
 
+def _post_and_put(operation: dict, name: str) -> dict:
+    return {"post": operation, "put": {**operation, "operationId": name + "Put"}}
+
+
 def build_spec(config) -> dict:
-    classify_model = _classify_operation(config, True)
-    classify_default = _classify_operation(config, False)
+    tasks = {m.task for m in config.models.values()}
+    images: dict = {}
+    if config.models[config.server.default_model].task == "classification":
+        images["/v1/classify"] = _post_and_put(_operation(config, "classification", False), "classify")
+    if "classification" in tasks:
+        images["/v1/models/{model}/classify"] = _post_and_put(_operation(config, "classification", True),
+                                                              "classifyModel")
+    if "detection" in tasks:
+        images["/v1/models/{model}/detect"] = _post_and_put(_operation(config, "detection", True), "detectModel")
     json_ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     model_param = {"name": "model", "in": "path", "required": True,
                    "schema": {"type": "string", "enum": sorted(config.models)}}
+    paths = {
+        **images,
+        "/v1/models": {"get": {"summary": "List models", "responses": {"200": json_ok, **_error_responses(401)}}},
+        "/v1/models/{model}": {"get": {"summary": "Describe one model", "parameters": [model_param],
+                                       "responses": {"200": json_ok, **_error_responses(401, 404)}}},
+        "/healthz": {"get": {"summary": "Liveness", "responses": {"200": json_ok}}},
+        "/readyz": {"get": {"summary": "Readiness of the default model", "responses": {
+            "200": json_ok, "503": json_ok}}},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
+            "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            **_error_responses(401)}}},
+    }
+    for operations in paths.values():  # every other status (405, 414, 431, ...) has the same JSON body
+        for operation in operations.values():
+            operation["responses"].setdefault("default", {"description": "any other error", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
     return {
         "openapi": "3.0.3",
-        "info": {"title": "Image classification gateway", "version": "1.0.0",
-                 "description": "One API in front of embedded ONNX Runtime, Triton, TorchServe and TF Serving."},
-        "paths": {
-            "/v1/classify": {"post": classify_default, "put": {**classify_default, "operationId": "classifyPut"}},
-            "/v1/models/{model}/classify": {"post": classify_model,
-                                            "put": {**classify_model, "operationId": "classifyModelPut"}},
-            "/v1/models": {"get": {"summary": "List models", "responses": {"200": json_ok, **_error_responses(401)}}},
-            "/v1/models/{model}": {"get": {"summary": "Describe one model", "parameters": [model_param],
-                                           "responses": {"200": json_ok, **_error_responses(401, 404)}}},
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": json_ok}}},
-            "/readyz": {"get": {"summary": "Readiness of the default model", "responses": {
-                "200": json_ok, "503": json_ok}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {
-                "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
-                **_error_responses(401)}}},
-        },
-        "components": {"schemas": {"Error": ERROR, "Prediction": PREDICTION, "Classification": CLASSIFICATION}},
+        "info": {"title": "Image model gateway", "version": "1.0.0",
+                 "description": "One API in front of embedded ONNX Runtime, Triton, TorchServe and TF Serving: "
+                                "classification and object detection."},
+        "paths": paths,
+        "components": {"schemas": {"Error": ERROR, "Prediction": PREDICTION, "Classification": CLASSIFICATION,
+                                   "Box": BOX, "Detection": DETECTION}},
     }
 
 

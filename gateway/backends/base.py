@@ -49,19 +49,19 @@ class Backend:
         self.name = name
         self.settings = settings
 
-    def load(self, routes: list["Route"]) -> None:
+    def load(self, routes: list[Route]) -> None:
         """Prepare to serve these routes (open sessions, connection pools). Must not raise
         for a backend that is merely down: ``ready`` reports that, ``infer`` raises."""
 
-    def ready(self, route: "Route") -> bool:
+    def ready(self, route: Route) -> bool:
         """Whether ``route.backend_model`` can be served right now (cheap, bounded by timeouts)."""
         raise NotImplementedError
 
-    def max_batch_size(self, route: "Route") -> int:
+    def max_batch_size(self, route: Route) -> int:
         """Images per call the engine takes for this route (0: any number)."""
         return int(getattr(self.settings, "max_batch_size", 0))
 
-    def infer(self, route: "Route", batch: np.ndarray) -> np.ndarray:
+    def infer(self, route: Route, batch: np.ndarray) -> np.ndarray:
         outputs = []
         for chunk in split_batches(batch, self.max_batch_size(route)):
             out = self.infer_batch(route, chunk)
@@ -72,11 +72,11 @@ class Backend:
             outputs.append(out)
         return outputs[0] if len(outputs) == 1 else np.concatenate(outputs)
 
-    def infer_batch(self, route: "Route", batch: np.ndarray) -> np.ndarray:
+    def infer_batch(self, route: Route, batch: np.ndarray) -> np.ndarray:
         """One call to the engine with at most ``max_batch_size`` images."""
         raise NotImplementedError
 
-    def metadata(self, route: "Route") -> dict[str, Any]:
+    def metadata(self, route: Route) -> dict[str, Any]:
         """What the engine says about the model (inputs, outputs, platform, versions)."""
         return {}
 

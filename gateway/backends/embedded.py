@@ -104,7 +104,7 @@ class EmbeddedBackend(Backend):
         session = self._session(route)
         if session is None:
             return {"error": self._errors.get(route.backend_model)}
-        describe = lambda t: {"name": t.name, "shape": list(t.shape), "datatype": t.type}  # noqa: E731
+        describe = lambda t: {"name": t.name, "shape": list(t.shape), "datatype": t.type}
         return {
             "platform": "onnxruntime",
             "file": str(self.model_path(route)),

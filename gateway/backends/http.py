@@ -11,8 +11,7 @@ from __future__ import annotations
 import requests
 from requests.adapters import HTTPAdapter
 
-from gateway.errors import (BackendBadResponse, BackendError, BackendRejected, BackendTimeout,
-                            BackendUnavailable)
+from gateway.errors import BackendBadResponse, BackendError, BackendRejected, BackendTimeout, BackendUnavailable
 
 
 def error_for_status(backend: str, status: int, message: str) -> BackendError:

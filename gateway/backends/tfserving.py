@@ -53,7 +53,7 @@ class TFServingBackend(Backend):
         super().__init__(name, settings)
         self.http = BackendSession(self.name, settings)
         self._names: dict[tuple, tuple[str, str]] = {}
-        self._grpc = None
+        self._grpc: tuple | None = None
         self._lock = threading.Lock()
 
     def _model_url(self, route) -> str:

@@ -12,6 +12,7 @@ reloaded model is re-learned. tritonclient is imported on first use, not with th
 """
 from __future__ import annotations
 
+import importlib.util
 import threading
 from dataclasses import dataclass
 from typing import Literal
@@ -46,6 +47,8 @@ class TritonBackend(Backend):
     settings: TritonSettings
 
     def __init__(self, name: str, settings: TritonSettings):
+        if importlib.util.find_spec("tritonclient") is None:  # say so at start, not at the first request
+            raise ModuleNotFoundError("the triton backend needs the tritonclient package", name="tritonclient")
         super().__init__(name, settings)
         self.http = BackendSession(self.name, settings)
         self._info: dict[tuple, TritonModelInfo] = {}

@@ -80,7 +80,7 @@ def export_onnx(model, path: Path, size: int = 224) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _partial(path)
     try:
-        torch.onnx.export(model, torch.zeros(2, 3, size, size), str(tmp), opset_version=ONNX_OPSET, dynamo=False,
+        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(tmp), opset_version=ONNX_OPSET, dynamo=False,
                           input_names=["input"], output_names=["logits"],
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
         os.replace(tmp, path)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from gateway.export.weights import TORCHVISION_URL as TORCHVISION_WEIGHTS_URL
+
 SETTINGS = [[1, 16, 1, 1], [6, 24, 2, 2], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
 
 
@@ -23,7 +24,7 @@ class InvertedResidual(nn.Module):
         super().__init__()
         hidden = int(round(inp * expand))
         self.use_res_connect = stride == 1 and inp == out
-        layers = [conv_bn_relu6(inp, hidden, kernel=1)] if expand != 1 else []
+        layers: list[nn.Module] = [conv_bn_relu6(inp, hidden, kernel=1)] if expand != 1 else []
         layers += [conv_bn_relu6(hidden, hidden, stride=stride, groups=hidden),
                    nn.Conv2d(hidden, out, 1, 1, 0, bias=False), nn.BatchNorm2d(out)]
         self.conv = nn.Sequential(*layers)
@@ -66,7 +67,7 @@ def load_torchvision_weights(model: nn.Module, url: str = TORCHVISION_WEIGHTS_UR
     model.load_state_dict(state, strict=True)
 
 
-def recalibrate_batchnorm(model: nn.Module, seed: int = 0, logit_std: float = 3.0) -> None:
+def recalibrate_batchnorm(model: MobileNetV2, seed: int = 0, logit_std: float = 3.0) -> None:
     """Give random weights usable statistics: one train-mode pass with momentum 1.0, then
     scale the classifier so logits spread (std ~3) instead of scoring every class ~0.001.
 
@@ -86,7 +87,9 @@ def recalibrate_batchnorm(model: nn.Module, seed: int = 0, logit_std: float = 3.
     model.eval()
     with torch.no_grad():
         logits = model(torch.rand(16, 3, 224, 224, generator=gen) * 4 - 2)
-        model.classifier[1].weight.mul_(logit_std / float(logits.std()))
+        head = model.classifier[1]
+        assert isinstance(head, nn.Linear)
+        head.weight.mul_(logit_std / float(logits.std()))
 
 
 def build(weights: str, log=print) -> tuple[MobileNetV2, str]:

@@ -47,7 +47,7 @@ def free_batch(model):
         dim.dim_param = "batch"
     del graph.value_info[:]  # shapes inferred for batch 1; onnxruntime infers them again
     shapes = {node.input[1] for node in graph.node if node.op_type == "Reshape"}
-    users = {}
+    users: dict = {}
     for node in graph.node:
         for name in node.input:
             users[name] = users.get(name, 0) + 1

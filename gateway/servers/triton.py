@@ -134,10 +134,11 @@ def _clean_leftovers(run: Path) -> None:
     A shm region goes when no live process maps it (another tritonserver may be running);
     env dirs go when they were made by our server (noted at start) or when no tritonserver runs.
     """
-    mapped = set()
+    mapped: set[str] = set()
     for maps in glob.glob("/proc/[0-9]*/maps"):
         try:
-            mapped.update(line.rsplit(None, 1)[-1] for line in open(maps) if "/dev/shm/triton_" in line)
+            with open(maps) as lines:
+                mapped.update(line.rsplit(None, 1)[-1] for line in lines if "/dev/shm/triton_" in line)
         except OSError:
             pass
     for region in glob.glob("/dev/shm/triton_*_backend_shm_region_*"):

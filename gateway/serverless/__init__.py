@@ -1,0 +1,1 @@
+"""The gateway as an AWS Lambda function: the handler, its config and `gateway package lambda`."""
