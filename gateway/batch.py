@@ -36,9 +36,14 @@ def list_inputs(source: Path, exclude: tuple[Path, ...] = ()) -> list[Path]:
         return sorted((p for p in source.iterdir()
                        if p.is_file() and not p.name.startswith(".") and p.resolve() not in skip),
                       key=lambda p: p.name)
-    lines = [line.strip() for line in source.read_text().splitlines()]
-    paths = [Path(line) for line in lines if line and not line.startswith("#")]
+    paths = [Path(entry) for entry in list_file_entries(source.read_text())]
     return [p if p.is_absolute() else source.parent / p for p in paths]
+
+
+def list_file_entries(text: str) -> list[str]:
+    """A list file's paths: one a line, blank lines and # comments skipped."""
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -164,9 +169,13 @@ def run_batch(source: Path, out: Path, url: str = DEFAULT_URL, model=None, backe
     elapsed = time.perf_counter() - started
     stats["seconds"] = round(elapsed, 3)
     stats["images_per_s"] = round(stats["written"] / elapsed, 2) if elapsed else 0.0
-    log(f"batch: {stats['written']} written ({stats['errors']} errors), {stats['skipped']} already done, "
-        f"{stats['images_per_s']} images/s" + (f"; stopped: {stats['aborted']}" if "aborted" in stats else ""))
+    log(summary_line(stats))
     return stats
+
+
+def summary_line(stats: dict) -> str:
+    return (f"batch: {stats['written']} written ({stats['errors']} errors), {stats['skipped']} already done, "
+            f"{stats['images_per_s']} images/s" + (f"; stopped: {stats['aborted']}" if "aborted" in stats else ""))
 
 
 def _bar(total: int, enabled: bool):
@@ -177,10 +186,12 @@ def _bar(total: int, enabled: bool):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("batch", help="classify a folder (or a list of paths) into a JSONL file")
-    p.add_argument("input", type=Path,
-                   help="folder of images (its files in name order, not sub-folders) or a text file of paths")
-    p.add_argument("--out", type=Path, required=True, help="JSON Lines output (appended to; resumable)")
-    p.add_argument("--url", default=DEFAULT_URL)
+    p.add_argument("input",
+                   help="folder of images (its files in name order, not sub-folders), a text file of paths, "
+                        "or with --ray an s3://bucket/prefix")
+    p.add_argument("--out", required=True,
+                   help="JSON Lines output (appended to; resumable); with --ray also s3://bucket/key.jsonl")
+    p.add_argument("--url", default=None, help=f"the gateway (default {DEFAULT_URL})")
     p.add_argument("--model", default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--top-k", type=int, default=None, dest="top_k")
@@ -188,19 +199,52 @@ def register(subparsers) -> None:
     p.add_argument("--shard", default=None, help="i/n: take every n-th file starting at i (0-based)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--limit", type=int, default=None, help=argparse.SUPPRESS)  # stop after N (tests)
+    ray = p.add_argument_group("Ray Data (gateway/ray_batch.py): no gateway, ONNX Runtime in Ray actors")
+    ray.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                     help="run on Ray: a local one, or the cluster at ADDRESS (or RAY_ADDRESS)")
+    ray.add_argument("--config", default="gateway.yaml", help="models and preprocessing (default: gateway.yaml)")
+    ray.add_argument("--s3-endpoint", default=None, dest="s3_endpoint",
+                     help="S3-compatible endpoint URL (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS)")
+    ray.add_argument("--actors", type=int, default=None, help="inference actors (default: from the cluster's CPUs)")
+    ray.add_argument("--batch-size", type=int, default=64, dest="batch_size",
+                     help="images per Ray batch (default 64; the model runs 4 at a time)")
     p.set_defaults(func=batch_command)
 
 
 def batch_command(args) -> int:
-    if not args.input.exists():
-        print(f"gateway batch: {args.input} does not exist", file=sys.stderr)
+    if args.ray is not None:
+        return ray_batch_command(args)
+    if args.input.startswith("s3://") or args.out.startswith("s3://"):
+        print("gateway batch: s3:// locations need --ray", file=sys.stderr)
+        return 2
+    source = Path(args.input)
+    if not source.exists():
+        print(f"gateway batch: {source} does not exist", file=sys.stderr)
         return 2
     try:
-        stats = run_batch(args.input, args.out, url=args.url, model=args.model, backend=args.backend,
-                          top_k=args.top_k, concurrency=args.concurrency, shard_spec=args.shard,
-                          progress=not args.no_progress, limit=args.limit,
+        stats = run_batch(source, Path(args.out), url=args.url or DEFAULT_URL, model=args.model,
+                          backend=args.backend, top_k=args.top_k, concurrency=args.concurrency,
+                          shard_spec=args.shard, progress=not args.no_progress, limit=args.limit,
                           log=lambda m: print(m, file=sys.stderr))
     except ValueError as exc:
+        print(f"gateway batch: {exc}", file=sys.stderr)
+        return 2
+    return 1 if "aborted" in stats else 0
+
+
+def ray_batch_command(args) -> int:
+    from gateway.ray_batch import run_ray_batch
+
+    if args.url:
+        print("gateway batch: --ray runs the model in Ray actors, without a gateway; drop --url", file=sys.stderr)
+        return 2
+    try:
+        stats = run_ray_batch(args.input, args.out, address=args.ray or None, config_path=args.config,
+                              model=args.model, backend=args.backend, top_k=args.top_k, actors=args.actors,
+                              batch_size=args.batch_size, s3_endpoint=args.s3_endpoint, shard_spec=args.shard,
+                              progress=not args.no_progress, limit=args.limit,
+                              log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, OSError) as exc:  # bad config or location, unreachable store
         print(f"gateway batch: {exc}", file=sys.stderr)
         return 2
     return 1 if "aborted" in stats else 0
