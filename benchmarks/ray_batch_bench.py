@@ -30,15 +30,16 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import onnxruntime as ort  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+import onnxruntime as ort
+from PIL import Image, ImageOps
 
-from common import ROOT  # noqa: E402
-from conftest import GatewayProcess  # noqa: E402
-from gateway.batch import list_inputs, run_batch  # noqa: E402
-from gateway.config import load_config  # noqa: E402
-from gateway.preprocess import preprocess_bytes  # noqa: E402
-from gateway.ray_batch import DEFAULT_BATCH, run_ray_batch  # noqa: E402
+from gateway.batch import list_inputs, run_batch
+from gateway.config import load_config
+from gateway.preprocess import preprocess_bytes
+from gateway.ray_batch import DEFAULT_BATCH, run_ray_batch
+
+from common import ROOT
+from conftest import GatewayProcess
 
 SAMPLES = [ROOT / "tests" / "data" / "imagenet-sample", ROOT.parent / "shared" / "data" / "imagenet-sample"]
 VARIANTS = {

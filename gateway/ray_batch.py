@@ -25,6 +25,7 @@ import posixpath
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pyarrow import fs as pafs
@@ -32,6 +33,9 @@ from pyarrow import fs as pafs
 from gateway import storage
 from gateway.batch import _bar, file_key, list_file_entries, list_inputs, parse_shard, shard, summary_line
 from gateway.results import open_results
+
+if TYPE_CHECKING:
+    from gateway.config import GatewayConfig
 
 # Inference is ~5x the cost of decoding here (measured: ~2 ms decode + preprocess, ~10 ms
 # efficientnet_lite0 per image on one core).  So each core runs an inference actor (one ONNX
@@ -52,7 +56,7 @@ SESSION_BATCH = 4
 class Job:
     """What every task and actor needs, shipped to them once (it pickles)."""
 
-    config: object  # gateway.config.GatewayConfig
+    config: GatewayConfig
     model: str
     route: str  # route name (an embedded backend's route)
     top_k: int
@@ -65,19 +69,18 @@ def find_inputs(source: str, out: str, endpoint: str | None = None):
         folder = Path(source)
         if not folder.exists():
             raise ValueError(f"{source} does not exist")
-        exclude = () if storage.is_s3(out) else (Path(out),)
         root = folder if folder.is_dir() else folder.parent
-        files = list_inputs(folder, exclude=exclude)
+        files = list_inputs(folder, exclude=() if storage.is_s3(out) else (Path(out),))
         return pafs.LocalFileSystem(), [(file_key(p, root), os.path.abspath(p)) for p in files]
     filesystem, path = storage.locate(source, endpoint)
     kind = storage.kind(filesystem, path)
     if kind == pafs.FileType.Directory:
-        exclude = (storage.locate(out, endpoint)[1],) if storage.is_s3(out) else ()
-        return filesystem, [(p[len(path) + 1:], p) for p in storage.list_folder(filesystem, path, exclude)]
+        skip = (storage.locate(out, endpoint)[1],) if storage.is_s3(out) else ()
+        return filesystem, [(p[len(path) + 1:], p) for p in storage.list_folder(filesystem, path, skip)]
     if kind == pafs.FileType.File:  # a list file: entries relative to its folder, or s3:// URIs
-        folder = posixpath.dirname(path)
+        base = posixpath.dirname(path)
         entries = list_file_entries(storage.read_bytes(filesystem, path).decode())
-        return filesystem, [(e, e[len(storage.S3):] if storage.is_s3(e) else posixpath.normpath(f"{folder}/{e}"))
+        return filesystem, [(e, e[len(storage.S3):] if storage.is_s3(e) else posixpath.normpath(f"{base}/{e}"))
                             for e in entries]
     raise ValueError(f"{source} does not exist (no object, and no objects under {source}/)")
 
@@ -121,14 +124,16 @@ class Classifier:
     """Actor: one ONNX Runtime session (the gateway's embedded backend), loaded once."""
 
     def __init__(self, job: Job, threads: int = 1, session_batch: int = 0):
-        from gateway.config import backend_class
+        from gateway.backends.embedded import EmbeddedBackend
 
         self.job = job
         self.model = job.config.models[job.model]
         self.route = next(r for r in self.model.routes if r.name == job.route)
         name = self.route.backend
         config = job.config.with_backend(name, intra_op_threads=threads, max_batch_size=session_batch)
-        self.backend = backend_class("embedded")(name, config.backends[name])
+        settings = config.backends[name]
+        assert isinstance(settings, EmbeddedBackend.Settings)
+        self.backend = EmbeddedBackend(name, settings)
         self.backend.load([self.route])
         if not self.backend.ready(self.route):
             raise RuntimeError(self.backend.metadata(self.route).get("error") or "model not loaded")
@@ -159,6 +164,7 @@ class Classifier:
 # -- the job ---------------------------------------------------------------------------------
 def embedded_route(config, model_name: str | None, backend: str | None):
     """(model, route): the model's first embedded route, or the one ``--backend`` names."""
+    from gateway.backends.embedded import EmbeddedBackend
     from gateway.service import Gateway
 
     gateway = Gateway(config)
@@ -170,6 +176,7 @@ def embedded_route(config, model_name: str | None, backend: str | None):
                          + (f" named {backend!r}" if backend else "") + "; the Ray path runs the model in its actors")
     route = embedded[0]
     engine = gateway.backends[route.backend]
+    assert isinstance(engine, EmbeddedBackend)
     if not engine.model_path(route).is_file():
         raise ValueError(f"model file {engine.model_path(route)} is missing; run `gateway models build`")
     return model, route
@@ -188,7 +195,7 @@ def start_ray(address: str | None, num_cpus: int | None = None) -> tuple[bool, f
 
     if ray.is_initialized():
         return False, 0.0
-    local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
+    local: dict[str, Any] = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
     ray.init(address=address, logging_level=logging.WARNING, **local)
     return True, time.perf_counter() - started
 
@@ -211,10 +218,10 @@ def build_dataset(filesystem, items: list[tuple[str, str]], job: Job, actors: in
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one tqdm bar, as `gateway batch` does
     blocks = max(1, math.ceil(len(items) / batch_size))
-    ds = ray.data.from_items([{"file": k, "path": p} for k, p in items], override_num_blocks=blocks)
-    ds = ds.map_batches(load_images, fn_kwargs={"filesystem": filesystem, "job": job},
-                        batch_size=batch_size, batch_format="numpy", num_cpus=LOADER_CPUS)
-    return ds.map_batches(Classifier, fn_constructor_kwargs={"job": job, "session_batch": SESSION_BATCH},
+    keys = ray.data.from_items([{"file": k, "path": p} for k, p in items], override_num_blocks=blocks)
+    tensors = keys.map_batches(load_images, fn_kwargs={"filesystem": filesystem, "job": job},  # type: ignore[arg-type]
+                               batch_size=batch_size, batch_format="numpy", num_cpus=LOADER_CPUS)
+    return tensors.map_batches(Classifier, fn_constructor_kwargs={"job": job, "session_batch": SESSION_BATCH},
                           batch_size=batch_size, batch_format="numpy", num_cpus=actor_cpus,
                           compute=ray.data.ActorPoolStrategy(size=actors))
 
@@ -238,7 +245,7 @@ def run_ray_batch(source: str, out: str, address: str | None = None, config_path
     done = results.done()
     pending = [item for item in items if item[0] not in done]
     todo = pending if limit is None else pending[:limit]
-    stats = {"total": len(items), "skipped": len(items) - len(pending), "written": 0, "errors": 0}
+    stats: dict[str, Any] = {"total": len(items), "skipped": len(items) - len(pending), "written": 0, "errors": 0}
     job = Job(config, model_settings.name, route.name, k)
 
     started_here, stats["ray_start_s"] = start_ray(address, num_cpus) if todo else (False, 0.0)

@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from pathlib import Path
+from typing import TextIO
 
 from pyarrow import fs as pafs
 
@@ -56,14 +57,14 @@ def encode(rows: list[dict]) -> bytes:
 class LocalResults:
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self._sink = None
+        self._sink: TextIO | None = None
 
     def done(self) -> set[str]:
         return load_done(self.path)
 
     def add(self, rows: list[dict]) -> None:
         if self._sink is None:
-            self._sink = open(self.path, "a")
+            self._sink = open(self.path, "a")  # noqa: SIM115 (kept open across add() calls, closed by close())
         self._sink.write("".join(json.dumps(r) + "\n" for r in rows))
         self._sink.flush()
 

@@ -18,12 +18,12 @@ import sys
 import pytest
 from PIL import Image
 
-from conftest import ROOT, free_port
-
 from gateway.batch import run_batch
 from gateway.ray_batch import find_inputs, plan_actors, run_ray_batch
 from gateway.results import ObjectStoreResults, open_results
 from gateway.storage import s3_filesystem, write_bytes
+
+from conftest import ROOT, free_port
 
 # For this module only, set before Ray is imported: a one-machine Ray on 127.0.0.1 (not the
 # machine's address), no usage reporting, and emulator credentials (Ray's worker processes
