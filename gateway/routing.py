@@ -2,9 +2,10 @@
 
 A route whose backend failed (down or timing out) is "open": it moves behind the healthy
 routes for a back-off period that doubles with each consecutive failure (1 s .. 30 s).
-When the period ends, the next request probes it again in its configured place
-(half-open); one success closes it. Open routes are still tried last, so a request is
-never refused only because every breaker is open.
+When the period ends, one request probes it again in its configured place (half-open;
+requests arriving within a base period keep it behind the others, so concurrent requests do
+not all probe a dead backend and double its back-off each); one success closes it. Open routes are still tried last, so a request is never refused only
+because every breaker is open.
 """
 from __future__ import annotations
 
@@ -27,8 +28,22 @@ class RouteHealth:
         return self._open_until.get(self._key(route), 0.0) > self.clock()
 
     def order(self, routes: list) -> list:
-        closed = [r for r in routes if not self.is_open(r)]
-        return closed + [r for r in routes if self.is_open(r)]
+        """Closed routes first, in order; a route whose back-off ended goes first for this
+        request only (the probe) and stays behind for the others until it answers."""
+        with self._lock:
+            now = self.clock()
+            first, last = [], []
+            for route in routes:
+                key = self._key(route)
+                until = self._open_until.get(key)
+                if until is None:
+                    first.append(route)
+                elif until <= now:  # half-open: this request probes; others wait a base period for
+                    self._open_until[key] = now + self.base  # its answer (or probe again if it never tried)
+                    first.append(route)
+                else:
+                    last.append(route)
+            return first + last
 
     def failed(self, route) -> None:
         key = self._key(route)

@@ -59,18 +59,40 @@ def write_config(config: dict | Path) -> Path:
     return path
 
 
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports below the kernel's ephemeral range
+    (ports a server binds again after a restart must not be lent to clients' connections meanwhile)."""
+    import random
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for _ in range(200):
+        base = random.randrange(20000, min(low, 32768) - count)
+        try:
+            sockets = [socket.socket() for _ in range(count)]
+            for offset, s in enumerate(sockets):
+                s.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError(f"no {count} consecutive free ports below {low}")
+
+
 @pytest.fixture(scope="session")
 def make_api():
-    """Factory: make_api(config dict | GatewayConfig | None, backends=None) -> helpers.Api."""
+    """Factory: make_api(config dict | GatewayConfig | None, backends=None, health=None) -> helpers.Api."""
     from gateway.app import create_app
     from gateway.service import Gateway
 
     made = []
 
-    def make(config=None, backends: dict | None = None) -> Api:
+    def make(config=None, backends: dict | None = None, health=None) -> Api:
         if not isinstance(config, GatewayConfig):
             config = config_of(config)
-        gateway = Gateway(config, backends=backends)
+        gateway = Gateway(config, backends=backends, health=health)
         gateway.load()
         made.append(gateway)
         return Api(create_app(config, gateway))

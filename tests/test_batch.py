@@ -81,7 +81,10 @@ def test_list_file_input_and_bad_shard(folder, tmp_path):
         run_batch(folder, tmp_path / "x.jsonl", shard_spec="3/3", progress=False)
 
 
-def test_gateway_outage_stops_without_writing_error_lines(folder, tmp_path):
+def test_gateway_outage_stops_without_writing_error_lines(folder, tmp_path, monkeypatch):
+    import gateway.batch
+
+    monkeypatch.setattr(gateway.batch, "RETRY_DELAY_S", 0.01)  # the retries themselves, not their waits
     out = tmp_path / "down.jsonl"
     stats = run_batch(folder, out, url="http://127.0.0.1:9", progress=False, log=lambda m: None)
     assert "aborted" in stats and stats["written"] == 0

@@ -25,8 +25,17 @@ def run(*args):
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
 
 
-def test_gateway_classify_prints_image_client_lines(gateway_url, photo_files):
-    proc = run("-m", "gateway", "classify", str(photo_files / "chelsea.jpg"), str(photo_files / "coffee.jpg"),
+def gateway_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """The `gateway` command in this process (what the console script calls)."""
+    from gateway.cli import main
+
+    code = main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
+def test_gateway_classify_prints_image_client_lines(gateway_url, photo_files, capsys):
+    proc = gateway_cli(capsys, "classify", str(photo_files / "chelsea.jpg"), str(photo_files / "coffee.jpg"),
                "--url", gateway_url, "--top-k", "3")
     assert proc.returncode == 0, proc.stderr
     headers = [line for line in proc.stdout.splitlines() if not line.startswith("    ")]
@@ -37,10 +46,10 @@ def test_gateway_classify_prints_image_client_lines(gateway_url, photo_files):
     assert [float(s) for s, _, _ in lines] == sorted((float(s) for s, _, _ in lines), reverse=True)
 
 
-def test_gateway_classify_reports_errors_with_a_nonzero_exit(gateway_url, photo_files):
-    proc = run("-m", "gateway", "classify", str(photo_files / "broken.jpg"), "--url", gateway_url)
+def test_gateway_classify_reports_errors_with_a_nonzero_exit(gateway_url, photo_files, capsys):
+    proc = gateway_cli(capsys, "classify", str(photo_files / "broken.jpg"), "--url", gateway_url)
     assert proc.returncode == 1 and "400 invalid_image" in proc.stderr
-    proc = run("-m", "gateway", "classify", str(photo_files / "chelsea.jpg"), "--url", gateway_url,
+    proc = gateway_cli(capsys, "classify", str(photo_files / "chelsea.jpg"), "--url", gateway_url,
                "--model", "resnet")
     assert proc.returncode == 1 and "404 unknown_model" in proc.stderr
 

@@ -178,3 +178,22 @@ def test_a_tensor_reaches_each_route_in_its_engines_layout_and_meaning():
     assert seen[-1] == ("triton", (1, 3, 224, 224), np.float32) and nhwc.results.shape == (1, 1000)
     with pytest.raises(BadRequest, match=r"expected a batch of shape \[N, 3, 224, 224\] \(NCHW\), got \[2, 3, 1"):
         conform(np.zeros((2, 3, 100, 100), np.float32), "NCHW", CONFIG.models["mobilenet_v2"].preprocess)
+
+
+def test_only_one_request_probes_a_half_open_route():
+    """Concurrent requests after a back-off: the first probes the route, the others keep it
+    last until a base period has passed, so one dead backend's back-off grows once per probe."""
+    clock = Clock()
+    health = RouteHealth(base_backoff_s=1.0, max_backoff_s=8.0, clock=clock)
+    first, second = CONFIG.models["efficientnet_lite0"].routes[:2]
+    health.failed(first)
+    assert health.order([first, second]) == [second, first]   # open: behind
+    clock.now += 1.01
+    assert health.order([first, second]) == [first, second]   # half-open: this request probes
+    assert health.order([first, second]) == [second, first]   # the next ones wait for the probe
+    health.failed(first)                                       # the probe failed: back-off 2 s
+    assert health.state(first)["consecutive_failures"] == 2
+    clock.now += 2.01
+    assert health.order([first, second])[0] is first
+    health.succeeded(first)
+    assert health.order([first, second]) == [first, second] and health.state(first)["circuit"] == "closed"

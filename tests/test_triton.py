@@ -15,12 +15,14 @@ import pytest
 import requests
 
 from gateway.backends.triton import TritonBackend
+from gateway.config import parse_config
 from gateway.errors import BackendRejected, BackendUnavailable
 from gateway.postprocess import softmax
+from gateway.routing import RouteHealth
 from gateway.servers import triton as launcher
 from gateway.service import Gateway
 
-from conftest import ROOT, free_port, load_yaml_config
+from conftest import ROOT, free_port, free_port_block, load_yaml_config
 from helpers import CAT, COFFEE, SAME_WEIGHTS_ATOL, classify, preprocessed, route_of
 
 
@@ -144,14 +146,36 @@ def test_triton_http_routes(triton_server, make_api, chelsea_jpeg):
     assert tf_info["ready"] and tf_info["metadata"]["platform"] == "tensorflow_savedmodel"
 
 
-def test_triton_stopped_mid_traffic_fails_over_then_recovers(triton_server, make_api, serve_api, chelsea_jpeg):
+@pytest.fixture
+def own_triton(tmp_path):
+    """(config dict, GatewayConfig): a second real tritonserver of its own (free ports, a
+    repository with efficientnet_lite0 only), routed first, then embedded. It starts in a few
+    seconds, and stopping it leaves the session's server alone."""
+    base = free_port_block(3)
+    (tmp_path / "model_repository").mkdir()
+    (tmp_path / "model_repository" / "efficientnet_lite0").symlink_to(ROOT / "model_repository/efficientnet_lite0")
+    data = load_yaml_config()
+    data["server"]["artifacts"] = str(ROOT / "artifacts.json")
+    data["backends"] = {"embedded": {**data["backends"]["embedded"], "model_dir": str(ROOT / "onnx")},
+                        "triton": {**data["backends"]["triton"], "url": f"http://127.0.0.1:{base}"}}
+    routes = data["models"]["efficientnet_lite0"]["routes"]
+    data["models"] = {"efficientnet_lite0": {**data["models"]["efficientnet_lite0"], "routes": [
+        *[r for r in routes if r["backend"] == "triton" and r.get("name") is None], {"backend": "embedded"}]}}
+    config = parse_config(data, tmp_path)
+    launcher.start(config, timeout=300)
+    yield data, config
+    launcher.stop(config)
+    assert not launcher.status(config)["running"]
+
+
+def test_triton_stopped_mid_traffic_fails_over_then_recovers(own_triton, make_api, serve_api, chelsea_jpeg):
     """Triton first, embedded second: stop Triton while 3 HTTP clients send, then bring it back."""
-    config = load_yaml_config()
-    routes = config["models"]["efficientnet_lite0"]["routes"]
-    config["models"]["efficientnet_lite0"]["routes"] = [r for r in routes if r["backend"] == "triton"] + \
-        [r for r in routes if r["backend"] == "embedded"] + \
-        [{"name": "triton-missing", "backend": "triton", "backend_model": "resnet_not_loaded"}]
-    url = serve_api(make_api(config))
+    data, triton_server = own_triton
+    data["models"]["efficientnet_lite0"]["routes"].append(
+        {"name": "triton-missing", "backend": "triton", "backend_model": "resnet_not_loaded"})
+    # back-off capped at 2 s (not 30): recovery is noticed within the test's patience
+    api = make_api(parse_config(data, triton_server.root), health=RouteHealth(max_backoff_s=2.0))
+    url = serve_api(api)
     assert classify(url, chelsea_jpeg, "efficientnet_lite0").json()["backend"] == "triton"
     missing = classify(url, chelsea_jpeg, "efficientnet_lite0", route="triton-missing")
     assert missing.status_code in (404, 503)
@@ -189,6 +213,6 @@ def test_triton_stopped_mid_traffic_fails_over_then_recovers(triton_server, make
     while time.monotonic() < deadline:
         if classify(url, chelsea_jpeg, "efficientnet_lite0").json()["backend"] == "triton":
             break
-        time.sleep(1.0)
+        time.sleep(0.25)
     else:
         pytest.fail("Triton never took traffic back after it restarted")

@@ -92,7 +92,7 @@ def start(config, name: str = NAME, timeout: float = 180.0) -> None:
         f"--http-address={host}", f"--http-port={port}",
         f"--grpc-address={host}", f"--grpc-port={port + 1}",
         f"--metrics-address={host}", f"--metrics-port={port + 2}",
-        "--allow-gpu-metrics=false", "--exit-timeout-secs=5", "--log-verbose=0",
+        "--allow-gpu-metrics=false", "--exit-timeout-secs=2", "--log-verbose=0",
     ]
     envs_before = _python_envs()
     pid = process.spawn(cmd, log, pid_file, env=_env(), cwd=run)
