@@ -5,8 +5,8 @@ model from gateway/backends/<kind>.py) and resolves it into frozen runtime objec
 ``GatewayConfig`` -> ``ModelConfig`` -> ``Route``. Every problem raises one ``ConfigError``
 naming the key, what was expected and what was given, e.g.
 ``backends.tfserving.protocol: expected 'rest' or 'grpc', got 'soap'``.
-Relative paths resolve against the YAML file's folder while validating; ``extends: FILE``
-merges a file over another (compose/gateway.compose.yaml over gateway.yaml).
+Relative paths resolve against the folder of the YAML file that holds them while validating;
+``extends: FILE`` merges a file over another (compose/gateway.compose.yaml over gateway.yaml).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import Field, ValidationError
@@ -189,7 +189,34 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     base = path.parent / str(data.pop("extends"))
     if base.resolve() in seen:
         raise ConfigError(f"{path}: extends: {base} is already being read (a loop)")
-    return _merge(_read(base, (*seen, path.resolve())), data)
+    return _merge(_anchored(_read(base, (*seen, path.resolve())), base.resolve().parent), data)
+
+
+def _anchored(data: Any, folder: Path) -> Any:
+    """An extended file's relative paths made absolute against its own folder, so they mean
+    what they meant there (the settings typed as paths, and a labels file)."""
+    if not isinstance(data, dict):
+        return data
+
+    def anchor(mapping: Any, keys) -> None:
+        for key in keys:
+            value = mapping.get(key) if isinstance(mapping, dict) else None
+            if isinstance(value, str) and value not in PACKAGE_LABELS and not Path(value).is_absolute():
+                mapping[key] = str(folder / value)
+
+    anchor(data.get("server"), _path_fields(ServerSettings))
+    for backend in (data.get("backends") or {}).values():
+        kind = backend.get("kind") if isinstance(backend, dict) else None
+        anchor(backend, _path_fields(BACKEND_KINDS[kind].Settings) if kind in BACKEND_KINDS else ())
+    for model in (data.get("models") or {}).values():
+        anchor(model, ("labels",))
+    return data
+
+
+def _path_fields(settings: type[Settings]) -> list[str]:
+    def is_path(annotation: Any) -> bool:
+        return annotation is Path or any(is_path(a) for a in get_args(annotation))
+    return [name for name, f in settings.model_fields.items() if is_path(f.annotation)]
 
 
 def _merge(base: Any, over: Any) -> Any:

@@ -147,6 +147,7 @@ def test_paths_resolve_against_the_config_file_and_extends_merges(tmp_path):
     assert config.backends["torchserve"].token_file == tmp_path / "key_file.json"
     assert config.backends["embedded"].model_dir == tmp_path / "models"
     assert config.backends["torchserve"].url == "http://127.0.0.1:8080"  # from the base file
+    assert config.server.artifacts == ROOT / "artifacts.json"  # the base's relative path, against its folder
     assert set(config.models) == {"efficientnet_lite0", "mobilenet_v2", "yolox_nano"}
 
 
