@@ -4,8 +4,8 @@ A route whose backend failed (down or timing out) is "open": it moves behind the
 routes for a back-off period that doubles with each consecutive failure (1 s .. 30 s).
 When the period ends, one request probes it again in its configured place (half-open;
 requests arriving within a base period keep it behind the others, so concurrent requests do
-not all probe a dead backend and double its back-off each); one success closes it. Open routes are still tried last, so a request is never refused only
-because every breaker is open.
+not all probe a dead backend and double its back-off each); one success closes it. Open
+routes are still tried last, so a request is never refused only because every breaker is open.
 """
 from __future__ import annotations
 
