@@ -71,7 +71,10 @@ def test_compose_gateway_config_serves_the_same_models_and_routes():
     inside = load_config(COMPOSE / "gateway.compose.yaml")
     assert inside.models.keys() == local.models.keys()
     for name, model in local.models.items():
-        assert [(r.name, r.model) for r in inside.models[name].routes] == [(r.name, r.model) for r in model.routes]
+        expected = [(r.name, r.backend_model, r.preprocess) for r in model.routes]
+        if name == "yolox_nano":  # the official TorchServe image has no onnxruntime for its handler
+            expected = [e for e in expected if e[0] != "torchserve"]
+        assert [(r.name, r.backend_model, r.preprocess) for r in inside.models[name].routes] == expected
     assert inside.backends["embedded"].model_dir.resolve() == (ROOT / "onnx").resolve()
 
 
