@@ -13,30 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
-
-import onnxruntime as ort
 
 from gateway.batch import list_inputs, run_batch
 from gateway.config import load_config
-from gateway.preprocess import preprocess_bytes
 from gateway.servers.local_gateway import LocalGateway
 
-from common import ROOT, photos
-
-
-def plain_loop(files: list[Path], model: str, spec, threads: int) -> float:
-    """images/s of read -> preprocess -> session.run, one file after another."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(ROOT / "onnx" / f"{model}.onnx"), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    session.run(None, {name: preprocess_bytes(files[0].read_bytes(), spec)[None]})
-    t0 = time.perf_counter()
-    for path in files:
-        session.run(None, {name: preprocess_bytes(path.read_bytes(), spec)[None]})
-    return len(files) / (time.perf_counter() - t0)
+from common import ROOT, photos, plain_loop
 
 
 def main() -> None:

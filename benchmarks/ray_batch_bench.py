@@ -30,16 +30,14 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a one-machine Ray on loopback
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import onnxruntime as ort
 from PIL import Image, ImageOps
 
 from gateway.batch import list_inputs, run_batch
 from gateway.config import load_config
-from gateway.preprocess import preprocess_bytes
 from gateway.ray_batch import DEFAULT_BATCH, run_ray_batch
+from gateway.servers.local_gateway import LocalGateway
 
-from common import ROOT
-from conftest import GatewayProcess
+from common import ROOT, plain_loop
 
 SAMPLES = [ROOT / "tests" / "data" / "imagenet-sample", ROOT.parent / "shared" / "data" / "imagenet-sample"]
 VARIANTS = {
@@ -71,19 +69,6 @@ def make_images(folder: Path, count: int) -> dict[str, int]:
         (folder / file).write_bytes(data)
         labels[file] = label
     return labels
-
-
-def plain_loop(files: list[Path], model: str, spec, threads: int) -> float:
-    """images/s of read -> preprocess -> session.run, one file after another."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(ROOT / "onnx" / f"{model}.onnx"), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    session.run(None, {name: preprocess_bytes(files[0].read_bytes(), spec)[None]})
-    t0 = time.perf_counter()
-    for path in files:
-        session.run(None, {name: preprocess_bytes(path.read_bytes(), spec)[None]})
-    return len(files) / (time.perf_counter() - t0)
 
 
 def top1(path: Path) -> dict[str, int]:
@@ -118,7 +103,7 @@ def main() -> None:
         ray.init(num_cpus=cores, include_dashboard=False, logging_level=logging.WARNING)
         ray_start = time.perf_counter() - t0
         print(f"ray.init (local, {cores} CPUs): {ray_start:.1f} s")
-        gw = GatewayProcess(config, workers=args.workers)
+        gw = LocalGateway(Path(config), workers=args.workers, log_path=ROOT / "run" / "bench-gateway.log")
         try:
             run_batch(folder, Path(tmp) / "warmup.jsonl", url=gw.url, model=args.model, backend="embedded",
                       concurrency=args.concurrency, progress=False, limit=16, log=lambda m: None)

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -44,19 +44,25 @@ class Answer:
     route: Route
     results: Any
     timings_ms: dict[str, float]
+    result_key: ClassVar[str] = "results"  # what each image's results are called in the JSON answer
 
-
-@dataclass
-class Classification(Answer):
     def to_dict(self) -> dict:
         return {
             "model": self.model.name,
             "backend": self.route.backend,
             "route": self.route.name,
             "weights": self.model.weights,
-            "results": [{"predictions": p} for p in self.results],
+            "results": [{self.result_key: r} for r in self.results],
             "timings_ms": self.timings_ms,
         }
+
+
+class Classification(Answer):
+    result_key = "predictions"
+
+
+class Detection(Answer):
+    result_key = "detections"
 
 
 def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
@@ -70,19 +76,6 @@ def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
     if layout != spec.layout:
         batch = batch.transpose((0, 2, 3, 1) if layout == "NCHW" else (0, 3, 1, 2))
     return np.ascontiguousarray(batch, dtype=np.dtype(spec.dtype))
-
-
-@dataclass
-class Detection(Answer):
-    def to_dict(self) -> dict:
-        return {
-            "model": self.model.name,
-            "backend": self.route.backend,
-            "route": self.route.name,
-            "weights": self.model.weights,
-            "results": [{"detections": d} for d in self.results],
-            "timings_ms": self.timings_ms,
-        }
 
 
 class Gateway:

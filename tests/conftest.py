@@ -260,6 +260,18 @@ def coffee_jpeg() -> bytes:
 
 
 @pytest.fixture(scope="session")
+def scene_photos() -> dict[str, bytes]:
+    """scikit-image's astronaut (a person), coffee (a cup) and chelsea (a cat) as JPEG (quality 98)."""
+    from PIL import Image
+    from skimage import data
+
+    from helpers import encode
+
+    return {name: encode(Image.fromarray(getattr(data, name)()), "JPEG", quality=98)
+            for name in ("astronaut", "coffee", "chelsea")}
+
+
+@pytest.fixture(scope="session")
 def photos(chelsea_jpeg, coffee_jpeg) -> list[bytes]:
     """[chelsea, coffee] as JPEG: a cat and an espresso."""
     return [chelsea_jpeg, coffee_jpeg]

@@ -279,10 +279,8 @@ def session():
 
 
 @pytest.fixture(scope="module")
-def photo_jpegs():
-    from skimage import data
-
-    return {name: jpeg(Image.fromarray(getattr(data, name)()), None) for name in ("astronaut", "coffee", "chelsea")}
+def photo_jpegs(scene_photos):
+    return scene_photos
 
 
 def detect(session, jpegs: list[bytes], preprocess=YOLOX_PREPROCESS, spec=None):

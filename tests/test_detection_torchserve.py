@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from PIL import Image
 
 from gateway.detection import DetectionSpec, detections, iou
 from gateway.preprocess import decode_image, preprocess_bytes
@@ -20,15 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def photos():
-    from skimage import data
-
-    out = {}
-    for name in HAND_BOXES:
-        buf = io.BytesIO()
-        Image.fromarray(getattr(data, name)()).save(buf, format="JPEG", quality=95)
-        out[name] = buf.getvalue()
-    return out
+def photos(scene_photos):
+    return scene_photos
 
 
 @pytest.fixture(scope="module")

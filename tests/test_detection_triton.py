@@ -1,7 +1,6 @@
 """YOLOX-Nano on the real tritonserver (nvidia-pytriton's binary, CPU) through the canonical
 `platform: "onnxruntime_onnx"` config, served here by the python-based onnxruntime stand-in.
 Needs the Triton ports: run under `flock /tmp/gateway-real-servers.lock`."""
-import io
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,6 @@ import onnxruntime as ort
 import pytest
 import requests
 import tritonclient.http as httpclient
-from PIL import Image
 
 from gateway.detection import DetectionSpec, detections, iou
 from gateway.preprocess import decode_image, preprocess_bytes
@@ -20,15 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def photos():
-    from skimage import data
-
-    out = {}
-    for name in HAND_BOXES:
-        buf = io.BytesIO()
-        Image.fromarray(getattr(data, name)()).save(buf, format="JPEG", quality=95)
-        out[name] = buf.getvalue()
-    return out
+def photos(scene_photos):
+    return scene_photos
 
 
 @pytest.fixture(scope="module")

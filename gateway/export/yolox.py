@@ -9,9 +9,10 @@ image before writing it where the embedded backend and Triton read it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
+
+from gateway.export.tf_convert import sha256
 
 SOURCE = Path("models/yolox_nano/yolox_nano.onnx")
 SHA256 = "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14"
@@ -24,12 +25,6 @@ INPUT_SHAPE = (3, 416, 416)
 TOLERANCE = 1e-3
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def free_batch(model):
