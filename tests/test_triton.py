@@ -193,9 +193,9 @@ def test_triton_stopped_mid_traffic_fails_over_then_recovers(own_triton, make_ap
 
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(client) for _ in range(3)]
-        time.sleep(1.0)
+        time.sleep(0.5)  # traffic flowing
         launcher.stop(triton_server)
-        time.sleep(2.0)
+        time.sleep(1.0)  # traffic while it is down
         stop_flag.set()
         for f in futures:
             f.result()
