@@ -8,12 +8,14 @@ serve`` exactly as a user would, on a free loopback port, stopped at the end of 
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -163,15 +165,59 @@ def gateway_url(start_gateway) -> str:
     return start_gateway(ROOT / "gateway.yaml", workers=2)
 
 
-@pytest.fixture(scope="session")
-def triton_server():
-    """The real tritonserver on gateway.yaml's ports, started once; one already started by
-    `gateway backends up` is reused and kept. A test that stops it starts it again."""
-    from gateway.servers import triton as launcher
+# The real servers start in the background as soon as the collected tests show they are needed,
+# while the tests that need none run (the test process keeps one core busy, their start-up the
+# other); their fixtures wait for that start.
+_STARTING: dict[str, Future] = {}
+SERVERS = {"triton_server": "triton", "torchserve_server": "torchserve"}
 
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: only what will run
+def pytest_collection_modifyitems(session, config, items):
+    needed = {name for item in items for name in getattr(item, "fixturenames", ()) if name in SERVERS}
+    if needed:
+        pool = ThreadPoolExecutor(len(needed), thread_name_prefix="server-start")
+        for name in sorted(needed):
+            _STARTING[name] = pool.submit(_start, SERVERS[name])
+        pool.shutdown(wait=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A server started for tests that never ran (stopped early, -x) is stopped too."""
+    for name, started in list(_STARTING.items()):
+        try:
+            was_running = started.result()
+        except Exception:
+            was_running = False
+        if not was_running:
+            launcher = importlib.import_module(f"gateway.servers.{SERVERS[name]}")
+            launcher.stop(load_config(ROOT / "gateway.yaml"))
+    _STARTING.clear()
+
+
+def _start(kind: str) -> bool:
+    """Start the gateway.yaml backend of this kind; whether one was already running."""
+    launcher = importlib.import_module(f"gateway.servers.{kind}")
     config = load_config(ROOT / "gateway.yaml")
     was_running = launcher.status(config)["running"]
     launcher.start(config, timeout=300)
+    return was_running
+
+
+def _server(name: str):
+    """(config, was it running before the tests): the server, started (or being started) once."""
+    started = _STARTING.pop(name, None)
+    was_running = started.result() if started is not None else _start(SERVERS[name])
+    return load_config(ROOT / "gateway.yaml"), was_running
+
+
+@pytest.fixture(scope="session")
+def triton_server():
+    """The real tritonserver on gateway.yaml's ports, started once; one already started by
+    `gateway backends up` is reused and kept."""
+    from gateway.servers import triton as launcher
+
+    config, was_running = _server("triton_server")
     yield config
     if not was_running:
         launcher.stop(config)
@@ -180,11 +226,11 @@ def triton_server():
 
 @pytest.fixture(scope="session")
 def torchserve_server():
-    """The real TorchServe on gateway.yaml's ports, started once and stopped at the end."""
+    """The real TorchServe on gateway.yaml's ports, started once and stopped at the end. A test
+    that stops it starts it again."""
     from gateway.servers import torchserve as launcher
 
-    config = load_config(ROOT / "gateway.yaml")
-    launcher.start(config, timeout=300)
+    config, _ = _server("torchserve_server")
     yield config
     launcher.stop(config)
     assert not launcher.status(config)["running"]
