@@ -11,6 +11,8 @@ from gateway.api import auth, classify, health, models, openapi
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.service import Gateway
+from gateway.v2 import rest as v2_rest
+from gateway.v2.protocol import Catalog
 
 log = logging.getLogger("gateway")
 # A refused body is read and discarded up to this many times the limit before the 413 goes out:
@@ -28,7 +30,8 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
         gateway = Gateway(config)
         gateway.load()
     app.extensions["gateway"] = gateway
-    for bp in (classify.bp, models.bp, health.bp, openapi.bp):
+    app.extensions["v2"] = Catalog(gateway)
+    for bp in (classify.bp, models.bp, health.bp, openapi.bp, v2_rest.bp):
         app.register_blueprint(bp)
     auth.install(app)
     register_error_handlers(app)
@@ -43,11 +46,13 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
 
 
 def error_response(exc: GatewayError, headers=None):
-    """The one way an error becomes an answer: its status, the JSON body, counted by code."""
+    """The one way an error becomes an answer: its status, the JSON body, counted by code.
+    Under /v2 the body is the Open Inference Protocol's ``{"error": "message"}``."""
     metrics.ERRORS.labels(str(exc.status), exc.code).inc()
     if exc.status >= 500:
         log.warning("%s %s", exc.status, exc.message)
-    return jsonify(exc.to_dict()), exc.status, headers or {}
+    body = {"error": exc.message} if request.path == "/v2" or request.path.startswith("/v2/") else exc.to_dict()
+    return jsonify(body), exc.status, headers or {}
 
 
 def drain_body(environ: dict, bound: int, chunk: int = 1 << 16) -> bool:

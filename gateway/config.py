@@ -59,6 +59,7 @@ class ServerSettings(Settings):
     max_images: PosInt = 64
     request_timeout_s: Annotated[float, Field(strict=True, gt=0)] = 60.0
     api_keys: tuple[Name, ...] = ()
+    grpc_port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 0  # the V2 gRPC front (0: off)
     artifacts: ConfigPath = Path("artifacts.json")  # written by `gateway models build`
 
 

@@ -17,6 +17,7 @@ REQUESTS = Counter("gateway_requests_total", "Model requests by the status they 
                    ["model", "backend", "status", "protocol"])
 IMAGES = Counter("gateway_images_total", "Images answered", ["model", "backend"])
 HTTP_RESPONSES = Counter("gateway_http_responses_total", "Every HTTP answer", ["method", "endpoint", "status"])
+GRPC_RESPONSES = Counter("gateway_grpc_responses_total", "Every gRPC answer (the V2 front)", ["method", "code"])
 ERRORS = Counter("gateway_errors_total", "Error responses by status and error code", ["status", "code"])
 LATENCY = Histogram("gateway_request_latency_seconds", "Model request latency (whole request)",
                     ["model", "backend"], buckets=LATENCY_BUCKETS)

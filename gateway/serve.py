@@ -16,6 +16,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
     p.add_argument("--threads", type=int, default=4, help="threads per worker (default: 4)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="port of the Open Inference Protocol gRPC front, on --host (default: the config's "
+                        "server.grpc_port; 0: off)")
     p.set_defaults(func=serve)
 
 
@@ -28,6 +31,11 @@ def serve(args) -> int:
         return 2
     if args.workers < 1 or args.threads < 1:
         print("gateway: --workers and --threads must be at least 1", file=sys.stderr)
+        return 2
+    grpc_port = config.server.grpc_port if args.grpc_port is None else args.grpc_port
+    grpc_address = f"{args.host}:{grpc_port}"
+    if grpc_port and not _port_free(args.host, grpc_port):
+        print(f"gateway: the gRPC port {grpc_address} is in use", file=sys.stderr)
         return 2
     # Before prometheus_client is imported anywhere: workers share metrics through files.
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
@@ -61,15 +69,33 @@ def serve(args) -> int:
             for key, value in options.items():
                 self.cfg.set(key, value)
 
-        def load(self):  # runs in each worker after fork: ONNX sessions are per process
+        def load(self):  # runs in each worker after fork: ONNX sessions and gRPC servers are per process
             from gateway.app import create_app
 
-            return create_app(load_config(config_path))
+            app = create_app(load_config(config_path))
+            if grpc_port:
+                from gateway.v2 import grpc_server
 
-    print(f"gateway: serving {config_path.name} on http://{args.host}:{args.port} "
+                app.extensions["grpc_server"] = grpc_server.start(app.extensions["v2"], grpc_address, args.threads)
+            return app
+
+    grpc_note = f", V2 gRPC on {grpc_address}" if grpc_port else ""
+    print(f"gateway: serving {config_path.name} on http://{args.host}:{args.port}{grpc_note} "
           f"({args.workers} workers x {args.threads} threads)", file=sys.stderr)
     GatewayServer().run()
     return 0
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing else holds the port (the workers' gRPC servers then share it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:

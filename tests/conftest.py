@@ -134,9 +134,10 @@ def serve_api():
 class GatewayProcess(LocalGateway):
     """A real `gateway serve` on a config dict (written under run/tests/) or file."""
 
-    def __init__(self, config: dict | Path, workers: int = 1, threads: int = 4):
+    def __init__(self, config: dict | Path, workers: int = 1, threads: int = 4, grpc_port: int = 0):
         path = write_config(config)
-        super().__init__(path, workers=workers, threads=threads, log_path=RUN_DIR / f"gateway-{path.stem}.log")
+        super().__init__(path, workers=workers, threads=threads, log_path=RUN_DIR / f"gateway-{path.stem}.log",
+                         grpc_port=grpc_port)
 
     def stop(self) -> None:
         super().stop()
@@ -146,11 +147,13 @@ class GatewayProcess(LocalGateway):
 
 @pytest.fixture(scope="session")
 def start_gateway():
-    """Factory: start_gateway(config: dict | Path, workers=1) -> base URL of a real process."""
+    """Factory: start_gateway(config: dict | Path, workers=1, grpc_port=0) -> base URL of a real
+    process (its V2 gRPC front on ``grpc_port``; 0: off)."""
     started: list[GatewayProcess] = []
 
-    def start(config: dict | Path = ROOT / "gateway.yaml", workers: int = 1, threads: int = 4) -> str:
-        proc = GatewayProcess(config, workers=workers, threads=threads)
+    def start(config: dict | Path = ROOT / "gateway.yaml", workers: int = 1, threads: int = 4,
+              grpc_port: int = 0) -> str:
+        proc = GatewayProcess(config, workers=workers, threads=threads, grpc_port=grpc_port)
         started.append(proc)
         return proc.url
 

@@ -60,7 +60,7 @@ def test_compose_ports_agree_with_gateway_yaml_and_the_compose_gateway_config():
     assert (ts_management.hostname, ts_management.port) == ("torchserve", 8081) and 8081 in host_ports(
         STACK["services"]["torchserve"])
     assert "--port" in STACK["services"]["gateway"]["command"]
-    assert host_ports(STACK["services"]["gateway"]) == {8000: 8000}
+    assert host_ports(STACK["services"]["gateway"]) == {8000: 8000, 8001: inside.server.grpc_port}
     for line in (COMPOSE / "torchserve.config.properties").read_text().splitlines():
         if line.startswith(("inference_address", "management_address")):
             assert line.split("=", 1)[1].startswith("http://0.0.0.0:")

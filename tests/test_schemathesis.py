@@ -5,6 +5,11 @@ allowed but the gateway refused (the schema now lists the accepted names), and 4
 without the ``Allow`` header RFC 9110 requires. Backends that need a server are left out of
 the config: a 503 from a backend that is not running is not an API defect. The seed is
 fixed so CI is reproducible; run the same command with another seed to explore further.
+
+The V2 infer operations are left out: their tensors' validity (a shape that matches its data
+and the model's dims) is beyond what a schema can say, so every schema-valid body Schemathesis
+makes is rightly a 400 and its positive-data check would report each one. They are fuzzed by
+hypothesis in tests/test_v2.py (no 5xx, always a V2 error body) and held to real clients there.
 """
 import os
 import subprocess
@@ -23,7 +28,9 @@ def test_schemathesis_finds_no_failure_with_all_checks(start_gateway, tmp_path):
     schemathesis = Path(sys.executable).parent / "schemathesis"
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(ROOT / "tests")}
     run = subprocess.run([str(schemathesis), "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "10",
-                          "--seed", "1", "--no-color"], capture_output=True, text=True, env=env, timeout=600,
+                          "--seed", "1", "--no-color",
+                          "--exclude-path-regex", "^/v2/.*/infer$"],
+                         capture_output=True, text=True, env=env, timeout=600,
                          cwd=tmp_path)  # its cache folder (.schemathesis/) goes there, not into the repository
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert "passed" in run.stdout

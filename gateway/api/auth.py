@@ -11,7 +11,7 @@ from flask import Flask, current_app, request
 
 from gateway.errors import Unauthorized
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
 def _presented_key() -> str | None:

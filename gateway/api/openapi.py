@@ -119,6 +119,71 @@ def _operation(config, task: str, with_model: bool) -> dict:
     }
 
 
+V2_ERROR = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+V2_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "properties": {
+    "name": {"type": "string"}, "datatype": {"type": "string"},
+    "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+    "parameters": {"type": "object"}, "data": {"type": "array"}}}
+
+
+def _v2_paths(config) -> dict:
+    """The Open Inference Protocol's REST part (gateway/v2/rest.py); tensors are not schema-checkable
+    beyond their structure (a shape must match its data), so infer bodies are described, not enumerated."""
+    from gateway.v2.protocol import IMAGE_SUFFIX
+
+    names = sorted([*config.models, *(m.name + IMAGE_SUFFIX for m in config.models.values()
+                                      if m.task == "classification" and m.name + IMAGE_SUFFIX not in config.models)])
+    versions = sorted({r.name for m in config.models.values() for r in m.routes})
+
+    def v2_json(description: str) -> dict:
+        return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
+
+    error_body = {"application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}
+    errors = {str(s): {"description": d, "content": error_body}
+              for s, d in ((400, "malformed request"), (401, "missing or invalid API key"),
+                           (404, "unknown model or version"), (503, "not ready / backend unavailable"))}
+    params = [{"name": "model", "in": "path", "required": True, "schema": {"type": "string", "enum": names}}]
+    versioned = [*params, {"name": "version", "in": "path", "required": True,
+                           "description": "a route name: forces that engine",
+                           "schema": {"type": "string", "enum": versions}}]
+    infer_body = {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/V2Tensor"}},
+            "outputs": {"type": "array", "items": {"type": "object", "required": ["name"]}}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                     "description": "binary tensor extension: the JSON header "
+                                                    "(Inference-Header-Content-Length bytes), then the tensors"}}}
+    paths: dict = {
+        "/v2": {"get": {"summary": "V2 server metadata", "responses": {"200": v2_json("name, version, extensions")}}},
+        "/v2/health/live": {"get": {"summary": "V2 liveness", "responses": {"200": v2_json("live")}}},
+        "/v2/health/ready": {"get": {"summary": "V2 readiness: every model has a ready route",
+                                     "responses": {"200": v2_json("ready"), "503": v2_json("not ready")}}},
+    }
+    for prefix, parameters in (("/v2/models/{model}", params), ("/v2/models/{model}/versions/{version}", versioned)):
+        paths[prefix] = {"get": {"summary": "V2 model metadata", "parameters": parameters,
+                                 "responses": {"200": v2_json("name, versions (route names), inputs, outputs"),
+                                               **{k: errors[k] for k in ("401", "404")}}}}
+        paths[prefix + "/ready"] = {"get": {"summary": "V2 model readiness", "parameters": parameters,
+                                            "responses": {"200": v2_json("ready"), **errors}}}
+        paths[prefix + "/config"] = {"get": {"summary": "Triton model configuration", "parameters": parameters,
+                                             "responses": {"200": v2_json("max_batch_size, input format, dims"),
+                                                           **{k: errors[k] for k in ("401", "404")}}}}
+        paths[prefix + "/infer"] = {"post": {"summary": "V2 inference (JSON or binary tensors)", "parameters": [
+            *parameters, {"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                          "schema": {"type": "integer", "minimum": 0}}],
+            "requestBody": infer_body, "responses": {"200": {
+                "description": "outputs (JSON, or a JSON header then binary tensors)", "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                **errors, "502": errors["503"], "504": errors["503"]}}}
+    for operations in paths.values():
+        for operation in operations.values():
+            operation["responses"].setdefault("default", {"description": "any other error", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}})
+    return paths
+
+
 def _post_and_put(operation: dict, name: str) -> dict:
     return {"post": operation, "put": {**operation, "operationId": name + "Put"}}
 
@@ -152,14 +217,17 @@ def build_spec(config) -> dict:
         for operation in operations.values():
             operation["responses"].setdefault("default", {"description": "any other error", "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
+    paths.update(_v2_paths(config))
     return {
         "openapi": "3.0.3",
         "info": {"title": "Image model gateway", "version": "1.0.0",
                  "description": "One API in front of embedded ONNX Runtime, Triton, TorchServe and TF Serving: "
-                                "classification and object detection."},
+                                "classification and object detection; /v2 is the Open Inference Protocol "
+                                "(KServe V2) over the same models."},
         "paths": paths,
         "components": {"schemas": {"Error": ERROR, "Prediction": PREDICTION, "Classification": CLASSIFICATION,
-                                   "Box": BOX, "Detection": DETECTION}},
+                                   "Box": BOX, "Detection": DETECTION, "V2Error": V2_ERROR,
+                                   "V2Tensor": V2_TENSOR}},
     }
 
 

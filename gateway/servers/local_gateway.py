@@ -20,16 +20,18 @@ def free_port() -> int:
 
 class LocalGateway:
     def __init__(self, config_path: Path, workers: int = 1, threads: int = 4, log_path: Path | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, grpc_port: int = 0):
         self.config_path = Path(config_path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = grpc_port  # the V2 gRPC front (0: off, whatever the config says)
         self.log_path = log_path or self.config_path.parent / f"gateway-{self.port}.log"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
-                 "--port", str(self.port), "--workers", str(workers), "--threads", str(threads)],
+                 "--port", str(self.port), "--workers", str(workers), "--threads", str(threads),
+                 "--grpc-port", str(grpc_port)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._wait_ready(timeout)
 

@@ -1,0 +1,114 @@
+"""The V2 front's cost: tritonclient straight to Triton vs the same tritonclient call through
+the gateway's Open Inference Protocol front (model efficientnet_lite0, version ``triton``:
+the gateway forwards the tensor to the same Triton), side by side in one run.
+
+The same preprocessed chelsea tensor (1x3x224x224 FP32, binary data) for both, over HTTP and
+gRPC; at 1 client the added p50, at 8 clients the throughput ratio; rounds alternate direct
+and gateway so both see the same machine. Targets (issue 13): <= 1 ms added p50 at 1 client,
+>= 0.9x throughput at 8. Starts Triton (if down) and a gateway with its gRPC front.
+
+    .venv/bin/python benchmarks/v2_bench.py [--requests 200] [--rounds 3] [--protocols http,grpc]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+from gateway.config import load_config
+from gateway.servers import triton as triton_launcher
+from gateway.servers.local_gateway import LocalGateway, free_port
+
+from common import ROOT, fmt, per_thread, run_load
+
+MODEL = "efficientnet_lite0"
+
+
+def chelsea_tensor() -> np.ndarray:
+    from PIL import Image
+    from skimage import data
+
+    from gateway.preprocess import preprocess_image
+
+    spec = load_config(ROOT / "gateway.yaml").models[MODEL].preprocess
+    return preprocess_image(Image.fromarray(data.chelsea()), spec)[None]
+
+
+def caller(protocol: str, url: str, version: str, tensor: np.ndarray):
+    """A per-thread factory of one tritonclient call (its clients are not thread-safe)."""
+    if protocol == "http":
+        import tritonclient.http as lib
+    else:
+        import tritonclient.grpc as lib
+
+    def make():
+        client = lib.InferenceServerClient(url)
+        tensor_in = lib.InferInput("input", list(tensor.shape), "FP32")
+        if protocol == "http":
+            tensor_in.set_data_from_numpy(tensor, binary_data=True)
+            outputs = [lib.InferRequestedOutput("logits", binary_data=True)]
+        else:
+            tensor_in.set_data_from_numpy(tensor)
+            outputs = [lib.InferRequestedOutput("logits")]
+
+        def call(_):
+            result = client.infer(MODEL, [tensor_in], model_version=version, outputs=outputs)
+            assert result.as_numpy("logits").shape == (1, 1000)
+        return call
+    return per_thread(make)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200, help="requests per cell and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--protocols", default="http,grpc")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "bench_results" / "v2.json"))
+    args = ap.parse_args()
+
+    config = load_config(ROOT / "gateway.yaml")
+    triton_launcher.start(config)
+    triton_http = config.backends["triton"].url.removeprefix("http://")
+    host, port = triton_http.rsplit(":", 1)
+    triton_grpc = f"{host}:{int(port) + 1}"  # gateway/servers/triton.py: gRPC on the HTTP port + 1
+    grpc_port = free_port()
+    gateway = LocalGateway(ROOT / "gateway.yaml", workers=args.workers, threads=8, grpc_port=grpc_port,
+                           log_path=ROOT / "run" / "v2-bench-gateway.log")
+    tensor = chelsea_tensor()
+    targets = {"http": {"direct": (triton_http, ""), "gateway": (gateway.url.removeprefix("http://"), "triton")},
+               "grpc": {"direct": (triton_grpc, ""), "gateway": (f"127.0.0.1:{grpc_port}", "triton")}}
+    results: dict = {}
+    try:
+        for protocol in args.protocols.split(","):
+            for clients in (1, 8):
+                cell: dict = {"direct": [], "gateway": []}
+                for _ in range(args.rounds):
+                    for side in ("direct", "gateway"):
+                        url, version = targets[protocol][side]
+                        stats = run_load(caller(protocol, url, version, tensor), [None], clients,
+                                         total=args.requests, warmup=8)
+                        cell[side].append(stats)
+                        print(fmt(f"{protocol} {side} x{clients}", stats), flush=True)
+                med = {side: {k: statistics.median(s[k] for s in runs) for k in ("p50_ms", "throughput")}
+                       for side, runs in cell.items()}
+                results[f"{protocol}_x{clients}"] = {**med, "runs": cell,
+                                                     "added_p50_ms": med["gateway"]["p50_ms"] - med["direct"]["p50_ms"],
+                                                     "throughput_ratio": med["gateway"]["throughput"]
+                                                     / med["direct"]["throughput"]}
+    finally:
+        gateway.stop()
+    print()
+    for name, r in results.items():
+        print(f"{name:<10} p50 direct {r['direct']['p50_ms']:7.2f} ms  gateway {r['gateway']['p50_ms']:7.2f} ms  "
+              f"added {r['added_p50_ms']:+6.2f} ms   throughput direct {r['direct']['throughput']:6.1f}  "
+              f"gateway {r['gateway']['throughput']:6.1f}  ratio {r['throughput_ratio']:.2f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

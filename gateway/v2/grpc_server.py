@@ -1,0 +1,214 @@
+"""The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` with the
+service definitions tritonclient ships (``tritonclient.grpc.service_pb2_grpc``), on its own
+port. Same models, versions and meaning as REST (gateway.v2.protocol); tensors travel in
+``raw_input_contents``/``raw_output_contents`` (typed ``contents`` are read too).
+
+``gateway serve`` starts one such server in every worker process after the fork, sharing the
+worker's gateway; the port is bound with SO_REUSEPORT (gRPC's default on Linux) so the kernel
+spreads connections over the workers, and the master checks first that no one else holds it.
+"""
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
+
+from gateway import metrics
+from gateway.errors import BadRequest, GatewayError, Unauthorized
+from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.v2.tensors import DTYPES, check_shape, from_buffer, from_list, join_bytes
+
+log = logging.getLogger("gateway")
+STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
+                404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                415: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
+                504: grpc.StatusCode.DEADLINE_EXCEEDED}  # anything else (500, 502): INTERNAL
+CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+            "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+            "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+            "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes need no key, as /v2/health/* over REST
+
+
+def _status(exc: GatewayError) -> grpc.StatusCode:
+    return STATUS_CODES.get(exc.status, grpc.StatusCode.INTERNAL)
+
+
+class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self.api_keys = catalog.gateway.config.server.api_keys
+
+    def _authorize(self, context: grpc.ServicerContext) -> None:
+        if not self.api_keys:
+            return
+        metadata = dict(context.invocation_metadata())
+        presented = metadata.get("x-api-key")
+        scheme, _, token = metadata.get("authorization", "").partition(" ")
+        presented = presented or (token.strip() if scheme.lower() == "bearer" else None)
+        if not presented:
+            raise Unauthorized("missing API key: send it as metadata x-api-key or 'authorization: Bearer KEY'",
+                               code="missing_api_key")
+        if not sum(hmac.compare_digest(presented.encode(), k.encode()) for k in self.api_keys):
+            raise Unauthorized("invalid API key", code="invalid_api_key")
+
+    # -- health and metadata -------------------------------------------------------------------
+    def ServerLive(self, request, context):
+        return service_pb2.ServerLiveResponse(live=True)
+
+    def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=self.catalog.server_ready())
+
+    def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=self.catalog.model_ready(request.name, request.version))
+
+    def ServerMetadata(self, request, context):
+        return service_pb2.ServerMetadataResponse(**SERVER)
+
+    def ModelMetadata(self, request, context):
+        meta = self.catalog.get(request.name, request.version).metadata()
+        return json_format.ParseDict(meta, service_pb2.ModelMetadataResponse())
+
+    def ModelConfig(self, request, context):
+        config = self.catalog.get(request.name, request.version).config()
+        return service_pb2.ModelConfigResponse(config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+
+    # -- inference -------------------------------------------------------------------------------
+    def ModelInfer(self, request, context):
+        return self._infer(request)
+
+    def ModelStreamInfer(self, request_iterator, context):
+        for request in request_iterator:
+            try:
+                yield service_pb2.ModelStreamInferResponse(infer_response=self._infer(request))
+            except GatewayError as exc:
+                _count("ModelStreamInfer", _status(exc))
+                yield service_pb2.ModelStreamInferResponse(error_message=exc.message)
+
+    def _infer(self, request) -> service_pb2.ModelInferResponse:
+        if request.parameters:
+            raise BadRequest(f"unknown request parameter {sorted(request.parameters)[0]!r}", code="unexpected_field")
+        answer = self.catalog.infer(InferRequest(
+            request.model_name, request.model_version, _inputs(request),
+            [_requested(o, i) for i, o in enumerate(request.outputs)] or None, request.id or None),
+            protocol="v2-grpc")
+        return _response(answer)
+
+
+def _inputs(request) -> list[Tensor]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs",
+                         code="invalid_data")
+    tensors = []
+    for i, item in enumerate(request.inputs):
+        where = f"inputs[{i}]"
+        if item.parameters:
+            raise BadRequest(f"{where}: unknown parameter {sorted(item.parameters)[0]!r}", code="unexpected_field")
+        shape = check_shape([int(d) for d in item.shape], where)
+        if raw:
+            data = from_buffer(raw[i], item.datatype, shape, where)
+        elif item.datatype in CONTENTS and item.datatype != "BYTES":
+            data = from_list(list(getattr(item.contents, CONTENTS[item.datatype])), item.datatype, shape, where)
+        elif item.datatype == "BYTES":
+            data = list(item.contents.bytes_contents)
+            if len(data) != int(np.prod(shape)):
+                raise BadRequest(f"{where}: shape {shape} holds {int(np.prod(shape))} elements, the data "
+                                 f"{len(data)}", code="invalid_data")
+        else:
+            known = ", ".join([*DTYPES, "BYTES"])
+            raise BadRequest(f"{where}: datatype {item.datatype!r} needs raw_input_contents (one of {known})",
+                             code="invalid_datatype")
+        tensors.append(Tensor(item.name, item.datatype, shape, data))
+    return tensors
+
+
+def _requested(output, i: int) -> RequestedOutput:
+    k = 0
+    for name, value in output.parameters.items():
+        if name == "classification" and value.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):
+            k = value.int64_param or value.uint64_param
+        elif name != "binary_data":
+            raise BadRequest(f"outputs[{i}]: unknown parameter {name!r} (classification)", code="invalid_output")
+    if k < 0:
+        raise BadRequest(f"outputs[{i}]: classification must be a positive integer, got {k}", code="invalid_output")
+    return RequestedOutput(output.name, int(k))
+
+
+def _response(answer: InferResponse) -> service_pb2.ModelInferResponse:
+    response = service_pb2.ModelInferResponse(model_name=answer.model, model_version=answer.version,
+                                              id=answer.id or "")
+    for key, value in answer.parameters.items():
+        response.parameters[key].string_param = str(value)
+    for tensor, _ in answer.outputs:
+        response.outputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+        response.raw_output_contents.append(join_bytes(tensor.data) if tensor.datatype == "BYTES"
+                                            else np.ascontiguousarray(tensor.data).tobytes())
+    return response
+
+
+def _count(method: str, code: grpc.StatusCode) -> None:
+    metrics.GRPC_RESPONSES.labels(method, code.name).inc()
+
+
+def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -> Callable:
+    """Every RPC: the API key checked (but for the probes), GatewayErrors answered with their
+    status code and message, unexpected ones as INTERNAL, every answer counted."""
+
+    def fail(context, exc: Exception) -> None:
+        if isinstance(exc, GatewayError):
+            code, message = _status(exc), exc.message
+        else:
+            log.exception("unhandled error in gRPC %s", method)
+            code, message = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        _count(method, code)
+        context.abort(code, message)
+
+    if streaming:
+        @functools.wraps(call)
+        def stream(request_iterator, context):
+            try:
+                servicer._authorize(context)
+                yield from call(request_iterator, context)
+            except Exception as exc:
+                fail(context, exc)
+            _count(method, grpc.StatusCode.OK)
+        return stream
+
+    @functools.wraps(call)
+    def unary(request, context):
+        try:
+            if method not in OPEN_METHODS:
+                servicer._authorize(context)
+            answer = call(request, context)
+        except Exception as exc:
+            fail(context, exc)
+        _count(method, grpc.StatusCode.OK)
+        return answer
+    return unary
+
+
+def start(catalog: Catalog, address: str, threads: int = 4) -> grpc.Server:
+    """A started gRPC server on ``address`` (host:port) serving ``catalog``."""
+    limit = catalog.gateway.config.server.max_body_bytes
+    server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
+                         options=[("grpc.max_receive_message_length", limit),
+                                  ("grpc.max_send_message_length", 256 * 1024 * 1024),
+                                  ("grpc.so_reuseport", 1)])
+    servicer = Servicer(catalog)
+    for method in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
+                   "ModelInfer", "ModelStreamInfer"):
+        setattr(servicer, method, _guarded(servicer, method, getattr(servicer, method),
+                                           streaming=method == "ModelStreamInfer"))
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    if not server.add_insecure_port(address):
+        raise OSError(f"cannot bind gRPC to {address}")
+    server.start()
+    return server

@@ -1,0 +1,237 @@
+"""The Open Inference Protocol's meaning, once for REST and gRPC: which V2 models exist,
+their metadata and Triton-style config, and how an infer request runs through the service.
+
+Names. Every gateway model ``M`` is a V2 model of the same name taking a preprocessed
+tensor in ``M``'s declared layout and dtype (input ``input``, e.g. FP32 [-1, 3, 224, 224]).
+A classifier is also ``M_image``, taking encoded photos as a BYTES tensor [-1, 1] (input
+``image``) that the gateway decodes and preprocesses as the model was trained, as Triton's
+``ensemble_image_client.py`` expects of a DALI ensemble. Each has exactly one input and one
+output (``logits`` or ``probabilities``, the meaning the model declares, whatever a route's
+engine returns; a detector's raw ``output``), which is what ``image_client.py`` insists on.
+
+Engines. A model's versions are its route names: no version routes with failover as the JSON
+API does; version ``triton`` (say) forces that route. The answer's ``model_version`` names the
+route that answered and ``parameters.backend`` its backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from gateway.config import ModelConfig
+from gateway.errors import BadRequest, NotFound
+from gateway.postprocess import top_k
+from gateway.service import Gateway
+from gateway.v2.tensors import datatype_of
+
+IMAGE_SUFFIX = "_image"
+SERVER = {"name": "image-model-gateway", "version": "1.0.0",
+          "extensions": ["binary_tensor_data", "classification", "model_configuration"]}
+PLATFORM = "gateway"
+
+
+@dataclass
+class Tensor:
+    """One input or output: numpy data, or a list of bytes for BYTES."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: Any
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class RequestedOutput:
+    name: str
+    classification: int = 0  # k > 0: the classification extension's top-k strings
+    binary: bool | None = None  # REST: send as binary data (None: the request's default)
+
+
+@dataclass
+class InferRequest:
+    model: str
+    version: str
+    inputs: list[Tensor]
+    outputs: list[RequestedOutput] | None = None  # None: every output
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class InferResponse:
+    model: str
+    version: str
+    outputs: list[tuple[Tensor, RequestedOutput]]
+    id: str | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class V2Model:
+    """One V2 model over one gateway model: a tensor in, or encoded images in."""
+
+    name: str
+    model: ModelConfig
+    takes_images: bool
+    max_batch_size: int
+
+    @property
+    def input_name(self) -> str:
+        return "image" if self.takes_images else "input"
+
+    @property
+    def input_datatype(self) -> str:
+        return "BYTES" if self.takes_images else datatype_of(self.model.preprocess.dtype)
+
+    @property
+    def input_dims(self) -> list[int]:
+        """Without the batch axis."""
+        if self.takes_images:
+            return [1]
+        height, width = self.model.preprocess.size
+        return [3, height, width] if self.model.preprocess.layout == "NCHW" else [height, width, 3]
+
+    @property
+    def output_name(self) -> str:
+        return "output" if self.model.task == "detection" else self.model.output
+
+    @property
+    def output_dims(self) -> list[int]:
+        if self.model.detection is None:
+            return [len(self.model.labels)]
+        height, width = self.model.preprocess.size
+        anchors = sum((height // s) * (width // s) for s in self.model.detection.strides)
+        return [anchors, 5 + len(self.model.labels)]  # YOLOX: box, objectness, class scores
+
+    def version(self, version: str | None) -> str | None:
+        """The route a version names (None: every route, with failover); 404 for another."""
+        if not version:
+            return None
+        names = [r.name for r in self.model.routes]
+        if version not in names:
+            raise NotFound(f"model {self.name!r} has no version {version!r}; its versions are its routes: "
+                           + ", ".join(names), code="unknown_version")
+        return version
+
+    def metadata(self) -> dict:
+        return {
+            "name": self.name, "versions": [r.name for r in self.model.routes], "platform": PLATFORM,
+            "inputs": [{"name": self.input_name, "datatype": self.input_datatype, "shape": [-1, *self.input_dims]}],
+            "outputs": [{"name": self.output_name, "datatype": "FP32", "shape": [-1, *self.output_dims]}],
+        }
+
+    def config(self) -> dict:
+        """Triton's model configuration (its JSON form; gRPC parses the same into ModelConfig)."""
+        layout = "FORMAT_NONE" if self.takes_images else f"FORMAT_{self.model.preprocess.layout}"
+        datatype = "TYPE_STRING" if self.takes_images else f"TYPE_{self.input_datatype}"
+        output: dict[str, Any] = {"name": self.output_name, "data_type": "TYPE_FP32", "dims": self.output_dims}
+        if self.model.task == "classification":
+            output["label_filename"] = "labels.txt"
+        return {
+            "name": self.name, "platform": PLATFORM, "max_batch_size": self.max_batch_size,
+            "input": [{"name": self.input_name, "data_type": datatype, "format": layout, "dims": self.input_dims}],
+            "output": [output],
+            "parameters": {"task": {"string_value": self.model.task},
+                           "preprocess_source": {"string_value": self.model.preprocess_source}},
+        }
+
+
+class Catalog:
+    """The V2 models of one gateway, and inference on them."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+        limit = gateway.config.server.max_images
+        self.models: dict[str, V2Model] = {}
+        for model in gateway.config.models.values():
+            self.models[model.name] = V2Model(model.name, model, False, limit)
+        for model in gateway.config.models.values():
+            image_name = model.name + IMAGE_SUFFIX
+            if model.task == "classification" and image_name not in self.models:
+                self.models[image_name] = V2Model(image_name, model, True, limit)
+
+    def get(self, name: str, version: str | None = None) -> V2Model:
+        try:
+            v2 = self.models[name]
+        except KeyError:
+            raise NotFound(f"unknown model {name!r}; known models: {', '.join(self.models)}",
+                           code="unknown_model") from None
+        v2.version(version)
+        return v2
+
+    def model_ready(self, name: str, version: str | None = None) -> bool:
+        v2 = self.get(name, version)
+        route = v2.version(version)
+        return any(self.gateway.route_ready(r) for r in v2.model.routes if route in (None, r.name))
+
+    def server_ready(self) -> bool:
+        """Every model can be served by at least one of its routes."""
+        return all(any(self.gateway.route_ready(r) for r in m.routes) for m in self.gateway.config.models.values())
+
+    def infer(self, request: InferRequest, protocol: str) -> InferResponse:
+        v2 = self.get(request.model, request.version)
+        route = v2.version(request.version)
+        tensor = self._input(v2, request.inputs)
+        wanted = self._outputs(v2, request.outputs)
+        if tensor.shape[0] > v2.max_batch_size:
+            raise BadRequest(f"a batch of {tensor.shape[0]}; model {v2.name!r} takes at most {v2.max_batch_size}",
+                             code="too_many_images")
+        if v2.takes_images:
+            answer = self.gateway.infer_images(v2.model.name, tensor.data, route=route, protocol=protocol)
+        else:
+            if tensor.shape[0] == 0:
+                raise BadRequest(f"input {tensor.name!r} holds no image (batch of 0)", code="no_image")
+            answer = self.gateway.infer_tensor(v2.model.name, tensor.data, route=route, protocol=protocol)
+        scores = np.asarray(answer.results, dtype=np.float32)
+        outputs = [(self._output(v2, scores, asked), asked) for asked in wanted]
+        return InferResponse(v2.name, answer.route.name, outputs, request.id,
+                             {"backend": answer.route.backend})
+
+    @staticmethod
+    def _input(v2: V2Model, inputs: list[Tensor]) -> Tensor:
+        if len(inputs) != 1:
+            raise BadRequest(f"model {v2.name!r} takes exactly one input ({v2.input_name!r}), got {len(inputs)}",
+                             code="invalid_input")
+        tensor = inputs[0]
+        if tensor.name != v2.input_name:
+            raise BadRequest(f"model {v2.name!r} has no input {tensor.name!r}; its input is {v2.input_name!r}",
+                             code="invalid_input")
+        if tensor.datatype != v2.input_datatype:
+            raise BadRequest(f"input {tensor.name!r} of model {v2.name!r} is {v2.input_datatype}, got "
+                             f"{tensor.datatype}", code="invalid_datatype")
+        expected = [-1, *v2.input_dims]
+        shape = tensor.shape
+        if v2.takes_images and len(shape) == 1:  # [B] as well as [B, 1]: one encoded image per row
+            shape = [shape[0], 1]
+        if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
+            raise BadRequest(f"input {tensor.name!r} of model {v2.name!r} has shape {expected}, got {tensor.shape}",
+                             code="invalid_shape")
+        if v2.takes_images:
+            tensor = Tensor(tensor.name, tensor.datatype, shape, list(tensor.data), tensor.parameters)
+        return tensor
+
+    @staticmethod
+    def _outputs(v2: V2Model, outputs: list[RequestedOutput] | None) -> list[RequestedOutput]:
+        if not outputs:
+            return [RequestedOutput(v2.output_name)]
+        for asked in outputs:
+            if asked.name != v2.output_name:
+                raise BadRequest(f"model {v2.name!r} has no output {asked.name!r}; its output is "
+                                 f"{v2.output_name!r}", code="invalid_output")
+            if asked.classification and v2.model.task != "classification":
+                raise BadRequest(f"output {asked.name!r} of {v2.model.task} model {v2.name!r} has no "
+                                 "classification", code="invalid_output")
+        return outputs
+
+    @staticmethod
+    def _output(v2: V2Model, scores: np.ndarray, asked: RequestedOutput) -> Tensor:
+        if not asked.classification:
+            return Tensor(asked.name, "FP32", list(scores.shape), scores)
+        labels = v2.model.labels
+        indices, values = top_k(scores, asked.classification)
+        rows = [[f"{value:f}:{index}:{labels[index]}".encode() for index, value in zip(row_i, row_v)]
+                for row_i, row_v in zip(indices.tolist(), values.tolist())]
+        return Tensor(asked.name, "BYTES", [len(rows), indices.shape[1]], [e for row in rows for e in row])
