@@ -37,8 +37,9 @@ def chelsea_tensor() -> np.ndarray:
     return preprocess_image(Image.fromarray(data.chelsea()), spec)[None]
 
 
-def caller(protocol: str, url: str, version: str, tensor: np.ndarray):
-    """A per-thread factory of one tritonclient call (its clients are not thread-safe)."""
+def caller(protocol: str, url: str, version: str, tensor: np.ndarray, names: tuple[str, str]):
+    """A per-thread factory of one tritonclient call (its clients are not thread-safe);
+    ``names``: the model's input and output tensors on that server."""
     if protocol == "http":
         import tritonclient.http as lib
     else:
@@ -46,17 +47,17 @@ def caller(protocol: str, url: str, version: str, tensor: np.ndarray):
 
     def make():
         client = lib.InferenceServerClient(url)
-        tensor_in = lib.InferInput("input", list(tensor.shape), "FP32")
+        tensor_in = lib.InferInput(names[0], list(tensor.shape), "FP32")
         if protocol == "http":
             tensor_in.set_data_from_numpy(tensor, binary_data=True)
-            outputs = [lib.InferRequestedOutput("logits", binary_data=True)]
+            outputs = [lib.InferRequestedOutput(names[1], binary_data=True)]
         else:
             tensor_in.set_data_from_numpy(tensor)
-            outputs = [lib.InferRequestedOutput("logits")]
+            outputs = [lib.InferRequestedOutput(names[1])]
 
         def call(_):
             result = client.infer(MODEL, [tensor_in], model_version=version, outputs=outputs)
-            assert result.as_numpy("logits").shape == (1, 1000)
+            assert result.as_numpy(names[1]).shape == (1, 1000)
         return call
     return per_thread(make)
 
@@ -79,8 +80,13 @@ def main() -> None:
     gateway = LocalGateway(ROOT / "gateway.yaml", workers=args.workers, threads=8, grpc_port=grpc_port,
                            log_path=ROOT / "run" / "v2-bench-gateway.log")
     tensor = chelsea_tensor()
-    targets = {"http": {"direct": (triton_http, ""), "gateway": (gateway.url.removeprefix("http://"), "triton")},
-               "grpc": {"direct": (triton_grpc, ""), "gateway": (f"127.0.0.1:{grpc_port}", "triton")}}
+    # (address, version, tensor names): Triton's own names (model_repository/efficientnet_lite0/config.pbtxt)
+    # and the gateway's V2 model, forced onto its triton route
+    direct_names, gateway_names = ("input__0", "output__0"), ("input", "logits")
+    targets = {"http": {"direct": (triton_http, "", direct_names),
+                        "gateway": (gateway.url.removeprefix("http://"), "triton", gateway_names)},
+               "grpc": {"direct": (triton_grpc, "", direct_names),
+                        "gateway": (f"127.0.0.1:{grpc_port}", "triton", gateway_names)}}
     results: dict = {}
     try:
         for protocol in args.protocols.split(","):
@@ -88,8 +94,8 @@ def main() -> None:
                 cell: dict = {"direct": [], "gateway": []}
                 for _ in range(args.rounds):
                     for side in ("direct", "gateway"):
-                        url, version = targets[protocol][side]
-                        stats = run_load(caller(protocol, url, version, tensor), [None], clients,
+                        url, version, names = targets[protocol][side]
+                        stats = run_load(caller(protocol, url, version, tensor, names), [None], clients,
                                          total=args.requests, warmup=8)
                         cell[side].append(stats)
                         print(fmt(f"{protocol} {side} x{clients}", stats), flush=True)

@@ -19,10 +19,10 @@ import yaml
 
 from gateway.serverless import lambda_handler, package
 
+from helpers import CAT as CAT_CLASSES
 from lambda_events import KINDS, Request, response_body, response_headers
 
 ROOT = Path(__file__).resolve().parent.parent
-CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat: chelsea is an Egyptian cat (285)
 HEAVY = package.FORBIDDEN
 
 
@@ -212,8 +212,9 @@ needs_lambda_python = pytest.mark.skipif(package.can_run_bundle() is not None,
 
 @needs_lambda_python
 def test_zip_alone_serves_every_event_kind_in_a_bare_interpreter(unzipped, tmp_path, chelsea_jpeg):
-    """Only the unpacked zip on sys.path (python -I -S: no site-packages): chelsea is an Egyptian
-    cat for every event kind, errors keep their JSON, and torch/TensorFlow/tritonclient never load."""
+    """Only the unpacked zip on sys.path (python -I -S: no site-packages): chelsea is a cat (tiger
+    cat, then Egyptian cat, with the model's trained preprocessing) for every event kind, errors
+    keep their JSON, and torch/TensorFlow/tritonclient never load."""
     events = {}
     for kind, build in KINDS.items():
         events[f"{kind} binary"] = build(Request("POST", "/v1/classify", chelsea_jpeg, "image/jpeg"))

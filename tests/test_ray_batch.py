@@ -24,6 +24,7 @@ from gateway.results import ObjectStoreResults, open_results
 from gateway.storage import s3_filesystem, write_bytes
 
 from conftest import ROOT, free_port
+from helpers import CAT, COFFEE
 
 # For this module only, set before Ray is imported: a one-machine Ray on 127.0.0.1 (not the
 # machine's address), no usage reporting, and emulator credentials (Ray's worker processes
@@ -31,7 +32,7 @@ from conftest import ROOT, free_port
 TEST_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
             "AWS_ACCESS_KEY_ID": "emulator", "AWS_SECRET_ACCESS_KEY": "emulator", "AWS_DEFAULT_REGION": "us-east-1"}
 
-CAT, COFFEE, ROCKET = {281, 282, 285}, {967, 968, 504}, {657, 744, 812}
+ROCKET = {657, 744, 812}  # missile, projectile, space shuttle
 CONFIG = str(ROOT / "gateway.yaml")
 
 
