@@ -67,7 +67,7 @@ class Answer:
         self.status_code = response.status_code
         self.headers = response.headers
         self.content = response.get_data()
-        self.text = response.get_data(as_text=True)
+        self.text = self.content.decode(errors="replace")  # binary bodies (V2 tensors) too
 
     def json(self):
         import json

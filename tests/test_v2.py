@@ -431,3 +431,16 @@ def test_v2_fuzzed_infer_requests_never_get_a_5xx(v2_api, payload, model, tail, 
     resp = v2_api.post(f"/v2/models/{model}/infer", data=data, headers=headers)
     assert resp.status_code < 500, (resp.status_code, resp.text)
     assert resp.status_code == 200 or isinstance(resp.json()["error"], str)
+
+
+def test_serve_refuses_a_grpc_port_someone_else_holds(capsys):
+    import socket
+
+    from gateway.cli import main as gateway_cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert gateway_cli(["serve", "--port", str(free_port()), "--grpc-port", str(port)]) == 2
+    assert f"the gRPC port 127.0.0.1:{port} is in use" in capsys.readouterr().err
