@@ -3,8 +3,9 @@ the gateway's Open Inference Protocol front (model efficientnet_lite0, version `
 the gateway forwards the tensor to the same Triton), side by side in one run.
 
 The same preprocessed chelsea tensor (1x3x224x224 FP32, binary data) for both, over HTTP and
-gRPC; at 1 client the added p50, at 8 clients the throughput ratio; rounds alternate direct
-and gateway so both see the same machine. Targets (issue 13): <= 1 ms added p50 at 1 client,
+gRPC; at 1 client the added p50 (requests alternating one by one, and in rounds), at 8 clients
+the throughput ratio; rounds alternate direct and gateway so both see the same machine.
+Targets (issue 13): <= 1 ms added p50 at 1 client,
 >= 0.9x throughput at 8. Starts Triton (if down) and a gateway with its gRPC front.
 
     .venv/bin/python benchmarks/v2_bench.py [--requests 200] [--rounds 3] [--protocols http,grpc]
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +64,28 @@ def caller(protocol: str, url: str, version: str, tensor: np.ndarray, names: tup
     return per_thread(make)
 
 
+def paired(calls: dict, count: int) -> dict:
+    """1 client, requests alternating direct / gateway one by one, so both see Triton in the same
+    state (its own latency drifts by several ms over seconds here): p50s and the median of the
+    per-pair differences."""
+    for call in calls.values():
+        for _ in range(8):
+            call(None)
+    times: dict = {side: [] for side in calls}
+    for _ in range(count):
+        for side, call in calls.items():
+            t0 = time.perf_counter()
+            call(None)
+            times[side].append((time.perf_counter() - t0) * 1e3)
+    diffs = [g - d for d, g in zip(times["direct"], times["gateway"])]
+    out = {side: {"p50_ms": statistics.median(v)} for side, v in times.items()}
+    out["added_p50_ms"] = out["gateway"]["p50_ms"] - out["direct"]["p50_ms"]
+    out["median_pair_difference_ms"] = statistics.median(diffs)
+    print(f"paired x1: direct p50 {out['direct']['p50_ms']:.2f} ms, gateway {out['gateway']['p50_ms']:.2f} ms, "
+          f"median difference {out['median_pair_difference_ms']:+.2f} ms ({count} pairs)", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200, help="requests per cell and round")
@@ -90,6 +114,9 @@ def main() -> None:
     results: dict = {}
     try:
         for protocol in args.protocols.split(","):
+            calls = {side: caller(protocol, *targets[protocol][side][:2], tensor, targets[protocol][side][2])()
+                     for side in ("direct", "gateway")}
+            results[f"{protocol}_x1_paired"] = paired(calls, args.requests * args.rounds)
             for clients in (1, 8):
                 cell: dict = {"direct": [], "gateway": []}
                 for _ in range(args.rounds):
@@ -109,6 +136,11 @@ def main() -> None:
         gateway.stop()
     print()
     for name, r in results.items():
+        if name.endswith("_paired"):
+            print(f"{name:<10} p50 direct {r['direct']['p50_ms']:7.2f} ms  gateway {r['gateway']['p50_ms']:7.2f} ms  "
+                  f"added {r['added_p50_ms']:+6.2f} ms (median pair difference "
+                  f"{r['median_pair_difference_ms']:+.2f})")
+            continue
         print(f"{name:<10} p50 direct {r['direct']['p50_ms']:7.2f} ms  gateway {r['gateway']['p50_ms']:7.2f} ms  "
               f"added {r['added_p50_ms']:+6.2f} ms   throughput direct {r['direct']['throughput']:6.1f}  "
               f"gateway {r['gateway']['throughput']:6.1f}  ratio {r['throughput_ratio']:.2f}x")
