@@ -23,10 +23,12 @@ import time
 import zipfile
 from pathlib import Path
 
+from gateway.loadgen import sample_photos
 from gateway.serverless import package
 
 from common import ROOT
-from conftest import jpeg_bytes
+
+sys.path.insert(0, str(ROOT / "tests"))  # the Lambda tests' event builders (AWS's documented shapes), shared
 from lambda_events import Request, http_v2
 
 CHILD = """
@@ -82,14 +84,13 @@ def main() -> None:
     mib = package.MIB
     print(f"bundle built in {time.perf_counter() - t0:.1f} s: unzipped {bundle.unzipped_bytes / mib:.1f} MiB "
           f"(limit {package.UNZIPPED_LIMIT / mib:.0f} MiB), zip {bundle.zip_bytes / mib:.1f} MiB")
-    from skimage import data
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "var-task"
         with zipfile.ZipFile(bundle.zip_path) as zf:
             zf.extractall(folder)
         event_file = Path(tmp) / "event.json"
-        event_file.write_text(json.dumps(http_v2(Request("POST", "/v1/classify", jpeg_bytes(data.chelsea()),
+        event_file.write_text(json.dumps(http_v2(Request("POST", "/v1/classify", sample_photos()["chelsea"],
                                                          "image/jpeg"))))
         env = {"EVENT": str(event_file)}
         results: dict[str, list[dict]] = {"zip": [], "venv": []}
