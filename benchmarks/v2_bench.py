@@ -5,8 +5,9 @@ the gateway forwards the tensor to the same Triton), side by side in one run.
 The same preprocessed chelsea tensor (1x3x224x224 FP32, binary data) for both, over HTTP and
 gRPC; at 1 client the added p50 (requests alternating one by one, and in rounds), at 8 clients
 the throughput ratio; rounds alternate direct and gateway so both see the same machine.
-Targets (issue 13): <= 1 ms added p50 at 1 client,
->= 0.9x throughput at 8. Starts Triton (if down) and a gateway with its gRPC front.
+Targets (issue 13): <= 1 ms added p50 at 1 client, >= 0.9x throughput at 8. Over HTTP a bare
+pass-through (benchmarks/passthrough.py) is timed in the same pairs: the floor of any Python
+front. Starts Triton (if down), a gateway with its gRPC front and the pass-through.
 
     .venv/bin/python benchmarks/v2_bench.py [--requests 200] [--rounds 3] [--protocols http,grpc]
 """
@@ -14,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +68,18 @@ def caller(protocol: str, url: str, version: str, tensor: np.ndarray, names: tup
     return per_thread(make)
 
 
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
 def paired(calls: dict, count: int) -> dict:
     """1 client, requests alternating direct / gateway one by one, so both see Triton in the same
     state (its own latency drifts by several ms over seconds here): p50s and the median of the
@@ -78,11 +94,12 @@ def paired(calls: dict, count: int) -> dict:
             call(None)
             times[side].append((time.perf_counter() - t0) * 1e3)
     diffs = [g - d for d, g in zip(times["direct"], times["gateway"])]
-    out = {side: {"p50_ms": statistics.median(v)} for side, v in times.items()}
+    out: dict = {side: {"p50_ms": statistics.median(v)} for side, v in times.items()}
     out["added_p50_ms"] = out["gateway"]["p50_ms"] - out["direct"]["p50_ms"]
     out["median_pair_difference_ms"] = statistics.median(diffs)
-    print(f"paired x1: direct p50 {out['direct']['p50_ms']:.2f} ms, gateway {out['gateway']['p50_ms']:.2f} ms, "
-          f"median difference {out['median_pair_difference_ms']:+.2f} ms ({count} pairs)", flush=True)
+    line = ", ".join(f"{side} p50 {out[side]['p50_ms']:.2f} ms" for side in times)
+    print(f"paired x1: {line}; gateway - direct median difference {out['median_pair_difference_ms']:+.2f} ms "
+          f"({count} rounds)", flush=True)
     return out
 
 
@@ -100,25 +117,32 @@ def main() -> None:
     triton_http = config.backends["triton"].url.removeprefix("http://")
     host, port = triton_http.rsplit(":", 1)
     triton_grpc = f"{host}:{int(port) + 1}"  # gateway/servers/triton.py: gRPC on the HTTP port + 1
+    passthrough_port = free_port()
+    passthrough = subprocess.Popen(
+        [str(Path(sys.executable).parent / "gunicorn"), "-k", "gthread", "--threads", "8", "-b",
+         f"127.0.0.1:{passthrough_port}", "--chdir", str(ROOT / "benchmarks"), "passthrough:app"],
+        env={**os.environ, "TRITON_URL": triton_http}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     grpc_port = free_port()
     gateway = LocalGateway(ROOT / "gateway.yaml", workers=args.workers, threads=8, grpc_port=grpc_port,
                            log_path=ROOT / "run" / "v2-bench-gateway.log")
+    wait_for_port(passthrough_port)
     tensor = chelsea_tensor()
     # (address, version, tensor names): Triton's own names (model_repository/efficientnet_lite0/config.pbtxt)
     # and the gateway's V2 model, forced onto its triton route
     direct_names, gateway_names = ("input__0", "output__0"), ("input", "logits")
     targets = {"http": {"direct": (triton_http, "", direct_names),
+                        "passthrough": (f"127.0.0.1:{passthrough_port}", "", direct_names),
                         "gateway": (gateway.url.removeprefix("http://"), "triton", gateway_names)},
                "grpc": {"direct": (triton_grpc, "", direct_names),
                         "gateway": (f"127.0.0.1:{grpc_port}", "triton", gateway_names)}}
     results: dict = {}
     try:
         for protocol in args.protocols.split(","):
-            calls = {side: caller(protocol, *targets[protocol][side][:2], tensor, targets[protocol][side][2])()
-                     for side in ("direct", "gateway")}
+            calls = {side: caller(protocol, *target[:2], tensor, target[2])()
+                     for side, target in targets[protocol].items()}
             results[f"{protocol}_x1_paired"] = paired(calls, args.requests * args.rounds)
             for clients in (1, 8):
-                cell: dict = {"direct": [], "gateway": []}
+                cell: dict = {"direct": [], "gateway": []}  # the passthrough floor is timed paired only
                 for _ in range(args.rounds):
                     for side in ("direct", "gateway"):
                         url, version, names = targets[protocol][side]
@@ -134,12 +158,14 @@ def main() -> None:
                                                      / med["direct"]["throughput"]}
     finally:
         gateway.stop()
+        passthrough.terminate()
     print()
     for name, r in results.items():
         if name.endswith("_paired"):
+            floor = f", bare passthrough {r['passthrough']['p50_ms']:.2f} ms" if "passthrough" in r else ""
             print(f"{name:<10} p50 direct {r['direct']['p50_ms']:7.2f} ms  gateway {r['gateway']['p50_ms']:7.2f} ms  "
                   f"added {r['added_p50_ms']:+6.2f} ms (median pair difference "
-                  f"{r['median_pair_difference_ms']:+.2f})")
+                  f"{r['median_pair_difference_ms']:+.2f}){floor}")
             continue
         print(f"{name:<10} p50 direct {r['direct']['p50_ms']:7.2f} ms  gateway {r['gateway']['p50_ms']:7.2f} ms  "
               f"added {r['added_p50_ms']:+6.2f} ms   throughput direct {r['direct']['throughput']:6.1f}  "

@@ -19,10 +19,14 @@ import base64
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import requests
 from PIL import Image
+
+from gateway.detection import iou
+from gateway.preprocess import PreprocessSpec
 
 CAT = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 CAT_LABELS = {"tabby", "tiger cat", "Egyptian cat"}
@@ -145,3 +149,41 @@ def preprocessed(gw, model: str, name: str, photos: list[bytes]):
     r = route_of(gw, model, name)
     images = gw.decode(photos, gw.config.models[model])
     return r, np.stack([preprocess_image(im, r.preprocess) for im in images])
+
+
+# -- detection (YOLOX-Nano) ---------------------------------------------------------------------
+COCO_LABELS = [line for line in (Path(__file__).resolve().parent.parent / "gateway/data/coco80_labels.txt")
+               .read_text().splitlines() if line]
+# the YOLOX convention (models/yolox_nano/README.md), as gateway.yaml declares it
+YOLOX_PREPROCESS = PreprocessSpec(size=(416, 416), resize="letterbox", pad_value=114, pad_position="top_left",
+                                  channels="BGR", scaling="raw", layout="NCHW", dtype="float32")
+# what a person draws around the main object of scikit-image's photos (label, x1 y1 x2 y2)
+HAND_BOXES = {"astronaut": ("person", (18, 18, 365, 512)), "coffee": ("cup", (170, 17, 412, 300)),
+              "chelsea": ("cat", (0, 0, 400, 300))}
+
+
+def box(x1, y1, x2, y2):
+    return np.array([x1, y1, x2, y2], dtype=np.float64)
+
+
+def box_iou(a: dict, b) -> float:
+    return float(iou(box(a["x1"], a["y1"], a["x2"], a["y2"]), np.array([box(*b)]))[0])
+
+
+def post_detect(api, data: bytes, model: str = "yolox_nano", **params):
+    return api.post(f"/v1/models/{model}/detect", data=data, params=params,
+                    headers={"Content-Type": "application/octet-stream"})
+
+
+def assert_routes_agree(api, photos: dict, route: str) -> None:
+    """A route's detections equal the embedded route's: IoU >= 0.99 per box, scores within 1e-4
+    (two onnxruntime sessions on the same file: float noise only), the same labels in order."""
+    for name, data in photos.items():
+        ours, theirs = (post_detect(api, data, route=r) for r in ("embedded", route))
+        assert ours.status_code == theirs.status_code == 200, theirs.text
+        assert theirs.json()["route"] == route
+        a, b = (resp.json()["results"][0]["detections"] for resp in (ours, theirs))
+        assert [d["label"] for d in a] == [d["label"] for d in b] and a, name
+        for x, y in zip(a, b):
+            assert box_iou(x["box"], tuple(y["box"][k] for k in ("x1", "y1", "x2", "y2"))) >= 0.99
+            assert abs(x["score"] - y["score"]) <= 1e-4

@@ -27,15 +27,11 @@ from gateway.draw import class_colour, draw_detections
 from gateway.export import yolox
 from gateway.preprocess import PreprocessSpec, decode_image, preprocess_bytes, resize
 
+from helpers import COCO_LABELS as LABELS
+from helpers import HAND_BOXES, YOLOX_PREPROCESS, box, box_iou, post_detect
+
 ROOT = Path(__file__).resolve().parent.parent
-LABELS = [line for line in (ROOT / "gateway/data/coco80_labels.txt").read_text().splitlines() if line]
-# the YOLOX convention (models/yolox_nano/README.md), as gateway.yaml declares it
-YOLOX_PREPROCESS = PreprocessSpec(size=(416, 416), resize="letterbox", pad_value=114, pad_position="top_left",
-                                  channels="BGR", scaling="raw", layout="NCHW", dtype="float32")
 
-
-def box(x1, y1, x2, y2):
-    return np.array([x1, y1, x2, y2], dtype=np.float64)
 
 
 # --- settings ---
@@ -266,10 +262,6 @@ def test_detections_refuse_output_that_does_not_fit():
 
 # --- YOLOX-Nano on real photos, onnxruntime in process ---
 
-def box_iou(a: dict, b) -> float:
-    return float(iou(box(a["x1"], a["y1"], a["x2"], a["y2"]), np.array([box(*b)]))[0])
-
-
 @pytest.fixture(scope="module")
 def session():
     path = ROOT / "onnx/yolox_nano.onnx"
@@ -302,8 +294,7 @@ def test_the_built_model_takes_any_batch_and_equals_the_vendored_original(sessio
 # Boxes measured by hand on scikit-image's photos (x1, y1, x2, y2): the astronaut from her hair
 # to the bottom edge, shoulders included, helmet excluded; the cup rim to the handle's bottom;
 # the cat's head and fur (it fills the frame, background on the right).
-HAND_BOXES = {"astronaut": ("person", (18, 18, 365, 512)), "coffee": ("cup", (170, 17, 412, 300)),
-              "chelsea": ("cat", (0, 0, 400, 300))}
+
 
 
 def test_yolox_nano_finds_the_astronaut_the_cup_and_the_cat(session, photo_jpegs):
@@ -424,25 +415,6 @@ def test_drawing_path():
 
 
 # --- through the gateway: POST /v1/models/yolox_nano/detect ---
-
-def post_detect(api, data: bytes, model: str = "yolox_nano", **params):
-    return api.post(f"/v1/models/{model}/detect", data=data, params=params,
-                    headers={"Content-Type": "application/octet-stream"})
-
-
-def assert_routes_agree(api, photos: dict, route: str) -> None:
-    """A route's detections equal the embedded route's: IoU >= 0.99 per box, scores within 1e-4
-    (two onnxruntime sessions on the same file: float noise only), the same labels in order."""
-    for name, data in photos.items():
-        ours, theirs = (post_detect(api, data, route=r) for r in ("embedded", route))
-        assert ours.status_code == theirs.status_code == 200, theirs.text
-        assert theirs.json()["route"] == route
-        a, b = (resp.json()["results"][0]["detections"] for resp in (ours, theirs))
-        assert [d["label"] for d in a] == [d["label"] for d in b] and a, name
-        for x, y in zip(a, b):
-            assert box_iou(x["box"], tuple(y["box"][k] for k in ("x1", "y1", "x2", "y2"))) >= 0.99
-            assert abs(x["score"] - y["score"]) <= 1e-4
-
 
 def test_detect_endpoint_finds_the_astronaut_in_her_photos_pixels(api, photo_jpegs):
     resp = post_detect(api, photo_jpegs["astronaut"])

@@ -12,7 +12,8 @@ import tritonclient.http as httpclient
 from gateway.detection import DetectionSpec, detections, iou
 from gateway.preprocess import decode_image, preprocess_bytes
 
-from test_detection import HAND_BOXES, LABELS, YOLOX_PREPROCESS, assert_routes_agree
+from helpers import COCO_LABELS as LABELS
+from helpers import HAND_BOXES, YOLOX_PREPROCESS, assert_routes_agree
 
 ROOT = Path(__file__).resolve().parent.parent
 
