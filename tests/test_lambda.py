@@ -92,6 +92,8 @@ def test_models_and_health(handler, kind):
     assert answer(handler, kind, Request("GET", "/healthz"))[:3:2] == (200, {"status": "ok"})
     status, _, body = answer(handler, kind, Request("GET", "/readyz"))
     assert status == 200 and body["route"] == "embedded"
+    status, _, body = answer(handler, kind, Request("GET", "/v2/models/efficientnet_lite0"))  # the V2 front too
+    assert status == 200 and body["versions"] == ["embedded"] and body["inputs"][0]["shape"] == [-1, 3, 224, 224]
 
 
 @pytest.mark.parametrize("kind", ["rest_v1", "http_v2", "alb_multi"])
