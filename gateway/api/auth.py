@@ -6,6 +6,7 @@ constant time. Liveness/readiness stay open so orchestrators can probe without a
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 
 from flask import Flask, current_app, request
 
@@ -14,11 +15,12 @@ from gateway.errors import Unauthorized
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
 
 
-def _presented_key() -> str | None:
-    key = request.headers.get("X-API-Key")
+def presented_key(header: Callable[[str], str | None]) -> str | None:
+    """The key a request carries, from ``header(name)`` (HTTP headers, or gRPC metadata)."""
+    key = header("X-API-Key")
     if key:
         return key
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    scheme, _, token = (header("Authorization") or "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
@@ -28,16 +30,19 @@ def key_is_valid(presented: str, keys: tuple[str, ...]) -> bool:
     return sum(hmac.compare_digest(presented_b, k.encode()) for k in keys) > 0
 
 
+def require_key(presented: str | None, keys: tuple[str, ...]) -> None:
+    """Nothing when ``keys`` is empty or ``presented`` is one of them; 401 otherwise."""
+    if not keys:
+        return
+    if presented is None:
+        raise Unauthorized("missing API key: send it as X-API-Key: KEY or 'Authorization: Bearer KEY' "
+                           "(HTTP headers, or gRPC metadata)", code="missing_api_key")
+    if not key_is_valid(presented, keys):
+        raise Unauthorized("invalid API key", code="invalid_api_key")
+
+
 def install(app: Flask) -> None:
     @app.before_request
     def require_api_key():
-        keys = current_app.extensions["gateway"].config.server.api_keys
-        if not keys or request.path in OPEN_PATHS:
-            return None
-        presented = _presented_key()
-        if presented is None:
-            raise Unauthorized("missing API key: send it in the X-API-Key header or as "
-                               "'Authorization: Bearer KEY'", code="missing_api_key")
-        if not key_is_valid(presented, keys):
-            raise Unauthorized("invalid API key", code="invalid_api_key")
-        return None
+        if request.path not in OPEN_PATHS:
+            require_key(presented_key(request.headers.get), current_app.extensions["gateway"].config.server.api_keys)

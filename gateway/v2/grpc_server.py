@@ -10,7 +10,6 @@ spreads connections over the workers, and the master checks first that no one el
 from __future__ import annotations
 
 import functools
-import hmac
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,8 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from gateway import metrics
-from gateway.errors import BadRequest, GatewayError, Unauthorized
+from gateway.api.auth import presented_key, require_key
+from gateway.errors import BadRequest, GatewayError
 from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, RequestedOutput, Tensor
 from gateway.v2.tensors import DTYPES, check_shape, from_buffer, from_list, join_bytes
 
@@ -47,17 +47,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.api_keys = catalog.gateway.config.server.api_keys
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
-        if not self.api_keys:
-            return
-        metadata = dict(context.invocation_metadata())
-        presented = metadata.get("x-api-key")
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        presented = presented or (token.strip() if scheme.lower() == "bearer" else None)
-        if not presented:
-            raise Unauthorized("missing API key: send it as metadata x-api-key or 'authorization: Bearer KEY'",
-                               code="missing_api_key")
-        if not sum(hmac.compare_digest(presented.encode(), k.encode()) for k in self.api_keys):
-            raise Unauthorized("invalid API key", code="invalid_api_key")
+        metadata = dict(context.invocation_metadata())  # gRPC metadata keys are lower case
+        require_key(presented_key(lambda name: metadata.get(name.lower())), self.api_keys)
 
     # -- health and metadata -------------------------------------------------------------------
     def ServerLive(self, request, context):
