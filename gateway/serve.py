@@ -87,10 +87,12 @@ def serve(args) -> int:
 
 
 def _port_free(host: str, port: int) -> bool:
-    """Whether nothing else holds the port (the workers' gRPC servers then share it)."""
+    """Whether nothing else listens on the port (the workers' gRPC servers then share it).
+    SO_REUSEADDR as gRPC sets it: connections of a previous run in TIME_WAIT are no owner."""
     import socket
 
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -177,10 +177,15 @@ def _v2_paths(config) -> dict:
                     "application/json": {"schema": {"type": "object"}},
                     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
                 **errors, "502": errors["503"], "504": errors["503"]}}}
+    return _default_error(paths, "V2Error")
+
+
+def _default_error(paths: dict, schema: str) -> dict:
+    """Every other status (405, 414, 431, ...) of every operation has the same JSON body."""
     for operations in paths.values():
         for operation in operations.values():
             operation["responses"].setdefault("default", {"description": "any other error", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/V2Error"}}}})
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}})
     return paths
 
 
@@ -213,11 +218,7 @@ def build_spec(config) -> dict:
             "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
             **_error_responses(401)}}},
     }
-    for operations in paths.values():  # every other status (405, 414, 431, ...) has the same JSON body
-        for operation in operations.values():
-            operation["responses"].setdefault("default", {"description": "any other error", "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}})
-    paths.update(_v2_paths(config))
+    paths = {**_default_error(paths, "Error"), **_v2_paths(config)}
     return {
         "openapi": "3.0.3",
         "info": {"title": "Image model gateway", "version": "1.0.0",
