@@ -33,7 +33,7 @@ def serve(args) -> int:
         print("gateway: --workers and --threads must be at least 1", file=sys.stderr)
         return 2
     grpc_port = config.server.grpc_port if args.grpc_port is None else args.grpc_port
-    grpc_address = f"{args.host}:{grpc_port}"
+    grpc_address = f"[{args.host}]:{grpc_port}" if ":" in args.host else f"{args.host}:{grpc_port}"  # [::]:8001
     if grpc_port and not _port_free(args.host, grpc_port):
         print(f"gateway: the gRPC port {grpc_address} is in use", file=sys.stderr)
         return 2
@@ -61,6 +61,7 @@ def serve(args) -> int:
                 "errorlog": "-",
                 "loglevel": "info",
                 "child_exit": _child_exit,
+                "worker_exit": _stop_grpc,
                 "on_exit": lambda server: _cleanup(metrics_dir),
                 # no cap on the request line: a long query reaches the app, which refuses unknown and
                 # repeated parameters by name (a gunicorn 414 would name nothing useful)
@@ -112,6 +113,14 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("latin1")
     util.write_nonblock(sock, head + body)
+
+
+def _stop_grpc(server, worker) -> None:
+    """In a worker that is exiting: end its gRPC server's calls and open streams (1 s grace),
+    or their threads would keep the process alive until gunicorn kills it."""
+    grpc_server = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("grpc_server")
+    if grpc_server is not None:
+        grpc_server.stop(1.0).wait(2.0)
 
 
 def _child_exit(server, worker) -> None:

@@ -241,10 +241,9 @@ MALFORMED = {  # case: (body, header length or None, expected status, words in t
     "wrong shape": (body([fp32([1, 3, 2, 2])]), None, 400, "has shape [-1, 3, 224, 224]"),
     "NHWC shape for an NCHW model": (body([fp32([1, 224, 224, 3])]), None, 400, "has shape"),
     "wrong datatype": (body([{**fp32(SMALL, [0] * 150528), "datatype": "INT32"}]), None, 400, "is FP32, got INT32"),
-    "floats for INT32": (body([{**fp32(SMALL), "datatype": "INT32"}]), None, 400, "must hold integers, got float64"),
-    "unknown datatype": (body([{**fp32(SMALL), "datatype": "FLOAT"}]), None, 400, "unknown datatype"),
+    "unknown datatype": (body([{**fp32(SMALL), "datatype": "FLOAT"}]), None, 400, "is FP32, got FLOAT"),
     "data count differs from shape": (body([fp32(SMALL, [0.0] * 10)]), None, 400, "holds 150528 elements"),
-    "strings for FP32": (body([fp32([1, 3, 1, 1], ["a", "b", "c"])]), None, 400, "list of numbers"),
+    "strings for FP32": (body([fp32(SMALL, ["a"] * 150528)]), None, 400, "must hold numbers, got str"),
     "unknown input": (body([fp32(SMALL, name="images")]), None, 400, "no input 'images'"),
     "two inputs": (body([fp32(SMALL), fp32(SMALL)]), None, 400, "exactly one input"),
     "no inputs": (body([]), None, 400, "non-empty list"),
@@ -252,13 +251,25 @@ MALFORMED = {  # case: (body, header length or None, expected status, words in t
     "bad classification": (body([fp32(SMALL)], [{"name": "logits", "parameters": {"classification": "3"}}]),
                            None, 400, "classification must be a positive integer"),
     "unknown key": (body([fp32(SMALL)], extra="x"), None, 400, "unknown key 'extra'"),
-    "unknown parameter": (body([fp32(SMALL)], parameters={"priority": 1}), None, 400, "unknown key 'priority'"),
+    "unknown parameter": (body([fp32(SMALL)], parameters={"sequence_id": 1}), None, 400,
+                          "unknown request parameter 'sequence_id'"),
+    "bad priority": (body([fp32(SMALL)], parameters={"priority": "high"}), None, 400, "non-negative integer"),
+    "binary_data_output not a flag": (body([fp32(SMALL)], parameters={"binary_data_output": "no"}), None, 400,
+                                      "must be true or false"),
+    "huge dims and no data": (body([fp32([0, 2**62], [])]), None, 400, "shape must be"),
+    "too many dims": (body([fp32([1] * 70, [1.0])]), None, 400, "shape must be"),
+    "wrong shape, big data": (body([fp32([200_000], [0.0] * 200_000)]), None, 400, "has shape"),
+    "nested deeper than the shape": (body([{"name": "image", "datatype": "BYTES", "shape": [1],
+                                            "data": [[["x"]]]}]), None, 400, "model"),
+    "out of range for INT8": (body([{"name": "input", "datatype": "INT8", "shape": [1], "data": [300]}]),
+                              None, 400, "is FP32, got INT8"),
     "invalid JSON": (b"{not json", None, 400, "not valid"),
     "not an object": (b"[1, 2]", None, 400, "must be a JSON object"),
     "short binary body": (None, "short", 400, "binary_data_size"),
     "bytes after the tensors": (None, "long", 400, "after the binary tensors"),
     "header length beyond the body": (b"{}", "999", 400, "Inference-Header-Content-Length"),
-    "negative shape": (body([fp32([-1, 3, 224, 224], [])]), None, 400, "non-negative integers"),
+    "header length not ASCII digits": (b"{}", "\u00b2", 400, "Inference-Header-Content-Length"),
+    "negative shape": (body([fp32([-1, 3, 224, 224], [])]), None, 400, "shape must be"),
     "batch of 0": (body([fp32([0, 3, 224, 224], [])]), None, 400, "holds no image"),
 }
 
@@ -269,6 +280,33 @@ def binary_case(kind: str) -> tuple[bytes, str]:
                                      "parameters": {"binary_data_size": len(data)}}]}).encode()
     payload = header + (data[:-7] if kind == "short" else data + b"extra")
     return payload, str(len(header))
+
+
+@pytest.mark.parametrize(("data", "datatype", "shape", "words"), [
+    ([1.5, 2.0], "INT32", [2], "must hold integers, got float64"),
+    ([300], "INT8", [1], "outside INT8's range"),
+    (["1.5"], "FP32", [1], "must hold numbers, got str"),
+    ([[1.0], [1.0, 2.0]], "FP32", [2, 2], "(nested) list of numbers"),
+    ([None], "FP32", [1], "must hold numbers, got object"),
+    ([[["x"]]], "BYTES", [1], "nested deeper than its 1-dimensional shape"),
+    (["a", "b"], "BYTES", [3], "holds 3 elements, the data 2"),
+    ([1.0], "FLOAT", [1], "unknown datatype"),
+])
+def test_v2_json_data_is_checked_against_its_datatype_and_shape(data, datatype, shape, words):
+    from gateway.errors import BadRequest
+    from gateway.v2.tensors import from_list
+
+    with pytest.raises(BadRequest, match=words.replace("(", r"\(").replace(")", r"\)")):
+        from_list(data, datatype, shape, "inputs[0]")
+
+
+def test_v2_binary_bytes_elements_stop_at_the_shapes_count():
+    from gateway.errors import BadRequest
+    from gateway.v2.tensors import from_buffer, join_bytes
+
+    assert from_buffer(join_bytes([b"a", b""]), "BYTES", [2, 1], "x") == [b"a", b""]
+    with pytest.raises(BadRequest, match="holds 1 elements, the data more"):
+        from_buffer(join_bytes([b""] * 1_000_000), "BYTES", [1, 1], "x")  # refused at the second element
 
 
 @pytest.fixture(scope="module")
@@ -444,3 +482,63 @@ def test_serve_refuses_a_grpc_port_someone_else_holds(capsys):
         port = taken.getsockname()[1]
         assert gateway_cli(["serve", "--port", str(free_port()), "--grpc-port", str(port)]) == 2
     assert f"the gRPC port 127.0.0.1:{port} is in use" in capsys.readouterr().err
+
+
+def test_v2_compressed_bodies_tritonclients_parameters_and_a_wrong_backend_answer(v2_api, make_api):
+    import gzip
+
+    from gateway.backends.base import Backend
+
+    plain = body([fp32(SMALL)], parameters={"priority": 1, "timeout": 5_000_000})  # accepted, not acted upon
+    ok = v2_api.post(f"/v2/models/{MODEL}/infer", data=gzip.compress(plain), headers={"Content-Encoding": "gzip"})
+    assert ok.status_code == 200, ok.text
+    cut = v2_api.post(f"/v2/models/{MODEL}/infer", data=gzip.compress(plain)[:-8],  # no CRC trailer
+                      headers={"Content-Encoding": "gzip"})
+    assert cut.status_code == 400 and "one complete gzip stream" in cut.json()["error"]
+
+    class WrongClasses(Backend):
+        def ready(self, route):
+            return True
+
+        def infer_batch(self, route, batch):
+            return np.zeros((len(batch), 999), np.float32)
+
+    config = load_yaml_config()
+    config["backends"] = {"embedded": config["backends"]["embedded"]}
+    for model in config["models"].values():
+        model["routes"] = [r for r in model["routes"] if r["backend"] == "embedded"]
+    api = make_api(config, backends={"embedded": WrongClasses("embedded", None)})
+    bad = api.post(f"/v2/models/{MODEL}/infer", data=plain)
+    assert bad.status_code == 502 and "'embedded'" in bad.json()["error"] and "[1, 999]" in bad.json()["error"]
+
+
+def test_v2_grpc_streams_are_capped_and_errors_carry_the_request_id(v2_api):
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    from gateway.v2 import grpc_server
+
+    port = free_port()
+    server = grpc_server.start(v2_api.app.extensions["v2"], f"127.0.0.1:{port}", threads=2)  # 1 stream at most
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        request = service_pb2.ModelInferRequest(model_name=MODEL, model_version="nope", id="42")
+        release = []
+
+        def requests():  # one request, then the stream stays open until released
+            yield request
+            while not release:
+                time.sleep(0.05)
+
+        stream = stub.ModelStreamInfer(requests())
+        error = next(stream)  # tritonclient drops the id of a stream's error; the protocol carries it
+        assert "no version 'nope'" in error.error_message and error.infer_response.id == "42"
+        with pytest.raises(grpc.RpcError) as refused:  # the only stream slot is taken
+            next(stub.ModelStreamInfer(iter([request])))
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "streams are open" in \
+            refused.value.details()
+        assert stub.ServerLive(service_pb2.ServerLiveRequest()).live  # a unary call still has its thread
+        release.append(True)
+        assert list(stream) == []
+    finally:
+        server.stop(0)

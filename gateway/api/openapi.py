@@ -129,10 +129,9 @@ V2_TENSOR = {"type": "object", "required": ["name", "datatype", "shape"], "prope
 def _v2_paths(config) -> dict:
     """The Open Inference Protocol's REST part (gateway/v2/rest.py); tensors are not schema-checkable
     beyond their structure (a shape must match its data), so infer bodies are described, not enumerated."""
-    from gateway.v2.protocol import IMAGE_SUFFIX
+    from gateway.v2.protocol import model_views
 
-    names = sorted([*config.models, *(m.name + IMAGE_SUFFIX for m in config.models.values()
-                                      if m.task == "classification" and m.name + IMAGE_SUFFIX not in config.models)])
+    names = sorted(name for name, _, _ in model_views(config))
     versions = sorted({r.name for m in config.models.values() for r in m.routes})
 
     def v2_json(description: str) -> dict:

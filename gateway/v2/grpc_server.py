@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,19 +23,24 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 from gateway import metrics
 from gateway.api.auth import presented_key, require_key
 from gateway.errors import BadRequest, GatewayError
-from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, RequestedOutput, Tensor
-from gateway.v2.tensors import DTYPES, check_shape, from_buffer, from_list, join_bytes
+from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, InputTensor, RequestedOutput
+from gateway.v2.tensors import check_shape, from_buffer, from_elements, from_list, join_bytes, numpy_dtype
 
 log = logging.getLogger("gateway")
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                429: grpc.StatusCode.RESOURCE_EXHAUSTED,
                 415: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
                 504: grpc.StatusCode.DEADLINE_EXCEEDED}  # anything else (500, 502): INTERNAL
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
-            "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+            "FP64": "fp64_contents"}  # typed contents per datatype (BYTES: bytes_contents; FP16: raw only)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes need no key, as /v2/health/* over REST
+
+
+class TooManyStreams(GatewayError):
+    status, code = 429, "too_many_streams"
 
 
 def _status(exc: GatewayError) -> grpc.StatusCode:
@@ -42,9 +48,11 @@ def _status(exc: GatewayError) -> grpc.StatusCode:
 
 
 class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, catalog: Catalog):
+    def __init__(self, catalog: Catalog, max_streams: int):
         self.catalog = catalog
         self.api_keys = catalog.gateway.config.server.api_keys
+        self.max_streams = max_streams
+        self.streams = threading.BoundedSemaphore(max_streams)
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata())  # gRPC metadata keys are lower case
@@ -76,24 +84,34 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         return self._infer(request)
 
     def ModelStreamInfer(self, request_iterator, context):
-        for request in request_iterator:
-            try:
-                yield service_pb2.ModelStreamInferResponse(infer_response=self._infer(request))
-            except GatewayError as exc:
-                _count("ModelStreamInfer", _status(exc))
-                yield service_pb2.ModelStreamInferResponse(error_message=exc.message)
+        if not self.streams.acquire(blocking=False):  # each open stream holds one of the server's threads
+            raise TooManyStreams(f"{self.max_streams} streams are open; close one or use ModelInfer")
+        try:
+            for request in request_iterator:
+                try:
+                    yield service_pb2.ModelStreamInferResponse(infer_response=self._infer(request))
+                except GatewayError as exc:
+                    _count("ModelStreamInfer", _status(exc))
+                    yield service_pb2.ModelStreamInferResponse(error_message=exc.message, infer_response=(
+                        service_pb2.ModelInferResponse(model_name=request.model_name, id=request.id)))
+        finally:
+            self.streams.release()
 
     def _infer(self, request) -> service_pb2.ModelInferResponse:
-        if request.parameters:
-            raise BadRequest(f"unknown request parameter {sorted(request.parameters)[0]!r}", code="unexpected_field")
         answer = self.catalog.infer(InferRequest(
             request.model_name, request.model_version, _inputs(request),
-            [_requested(o, i) for i, o in enumerate(request.outputs)] or None, request.id or None),
-            protocol="v2-grpc")
+            [_requested(o, i) for i, o in enumerate(request.outputs)] or None, request.id or None,
+            {key: _value(value) for key, value in request.parameters.items()}), protocol="v2-grpc")
         return _response(answer)
 
 
-def _inputs(request) -> list[Tensor]:
+def _value(parameter):
+    """An InferParameter's value (whichever of bool/int64/string/double/uint64 it holds)."""
+    choice = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, choice) if choice else None
+
+
+def _inputs(request) -> list[InputTensor]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs",
@@ -103,33 +121,34 @@ def _inputs(request) -> list[Tensor]:
         where = f"inputs[{i}]"
         if item.parameters:
             raise BadRequest(f"{where}: unknown parameter {sorted(item.parameters)[0]!r}", code="unexpected_field")
-        shape = check_shape([int(d) for d in item.shape], where)
-        if raw:
-            data = from_buffer(raw[i], item.datatype, shape, where)
-        elif item.datatype in CONTENTS and item.datatype != "BYTES":
-            data = from_list(list(getattr(item.contents, CONTENTS[item.datatype])), item.datatype, shape, where)
-        elif item.datatype == "BYTES":
-            data = list(item.contents.bytes_contents)
-            if len(data) != int(np.prod(shape)):
-                raise BadRequest(f"{where}: shape {shape} holds {int(np.prod(shape))} elements, the data "
-                                 f"{len(data)}", code="invalid_data")
-        else:
-            known = ", ".join([*DTYPES, "BYTES"])
-            raise BadRequest(f"{where}: datatype {item.datatype!r} needs raw_input_contents (one of {known})",
-                             code="invalid_datatype")
-        tensors.append(Tensor(item.name, item.datatype, shape, data))
+        tensors.append(InputTensor(item.name, item.datatype, check_shape([int(d) for d in item.shape], where),
+                                   _decoder(item, raw[i] if raw else None, where)))
     return tensors
+
+
+def _decoder(item, raw: bytes | None, where: str):
+    """How to decode one input's data: its raw contents, or its typed ``contents`` field."""
+    shape, datatype = [int(d) for d in item.shape], item.datatype
+    if raw is not None:
+        return lambda: from_buffer(raw, datatype, shape, where)
+    if datatype == "BYTES":
+        return lambda: from_elements(list(item.contents.bytes_contents), shape, where)
+    if datatype not in CONTENTS:
+        numpy_dtype(datatype, where)  # unknown: say so; FP16 has no typed contents field
+        raise BadRequest(f"{where}: {datatype} data travels in raw_input_contents only", code="invalid_data")
+    return lambda: from_list(list(getattr(item.contents, CONTENTS[datatype])), datatype, shape, where)
 
 
 def _requested(output, i: int) -> RequestedOutput:
     k = 0
     for name, value in output.parameters.items():
-        if name == "classification" and value.WhichOneof("parameter_choice") in ("int64_param", "uint64_param"):
-            k = value.int64_param or value.uint64_param
-        elif name != "binary_data":
+        if name == "classification":
+            k = _value(value)
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise BadRequest(f"outputs[{i}]: classification must be a positive integer (int64_param), got {k!r}",
+                                 code="invalid_output")
+        elif name != "binary_data":  # binary_data: REST's encoding, meaningless (and harmless) over gRPC
             raise BadRequest(f"outputs[{i}]: unknown parameter {name!r} (classification)", code="invalid_output")
-    if k < 0:
-        raise BadRequest(f"outputs[{i}]: classification must be a positive integer, got {k}", code="invalid_output")
     return RequestedOutput(output.name, int(k))
 
 
@@ -186,20 +205,25 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
     return unary
 
 
-def start(catalog: Catalog, address: str, threads: int = 4) -> grpc.Server:
-    """A started gRPC server on ``address`` (host:port) serving ``catalog``."""
+def start(catalog: Catalog, bind: str, threads: int = 4) -> grpc.Server:
+    """A started gRPC server on ``bind`` (host:port) serving ``catalog`` with ``threads`` threads:
+    at most threads - 1 of them held by open streams, at most 4 x threads calls in flight
+    (RESOURCE_EXHAUSTED beyond), so a burst cannot queue without bound."""
     limit = catalog.gateway.config.server.max_body_bytes
     server = grpc.server(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", 256 * 1024 * 1024),
-                                  ("grpc.so_reuseport", 1)])
-    servicer = Servicer(catalog)
+                                  ("grpc.so_reuseport", 1)],
+                         maximum_concurrent_rpcs=4 * threads)
+    servicer = Servicer(catalog, max_streams=max(1, threads - 1))
     for method in ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
                    "ModelInfer", "ModelStreamInfer"):
         setattr(servicer, method, _guarded(servicer, method, getattr(servicer, method),
                                            streaming=method == "ModelStreamInfer"))
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-    if not server.add_insecure_port(address):
-        raise OSError(f"cannot bind gRPC to {address}")
+    try:
+        server.add_insecure_port(bind)
+    except RuntimeError as exc:  # grpcio's way of saying it could not bind
+        raise OSError(f"cannot bind gRPC to {bind}: {exc}") from None
     server.start()
     return server

@@ -12,16 +12,20 @@ engine returns; a detector's raw ``output``), which is what ``image_client.py`` 
 Engines. A model's versions are its route names: no version routes with failover as the JSON
 API does; version ``triton`` (say) forces that route. The answer's ``model_version`` names the
 route that answered and ``parameters.backend`` its backend.
+
+An input's name, datatype, shape and batch size are checked against the model before its data
+is decoded (``InputTensor.decode``), so a crafted shape or a wrong name costs no decoding.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from gateway.config import ModelConfig
-from gateway.errors import BadRequest, NotFound
+from gateway.config import GatewayConfig, ModelConfig
+from gateway.errors import BackendBadResponse, BadRequest, NotFound
 from gateway.postprocess import top_k
 from gateway.service import Gateway
 from gateway.v2.tensors import datatype_of
@@ -32,15 +36,29 @@ SERVER = {"name": "image-model-gateway", "version": "1.0.0",
 PLATFORM = "gateway"
 
 
+# Request parameters Triton's clients send on request (tritonclient's priority=, timeout=): accepted
+# and not acted upon (the gateway has no priority queues; its own request_timeout_s bounds a request)
+ACCEPTED_PARAMETERS = frozenset({"priority", "timeout"})
+
+
 @dataclass
 class Tensor:
-    """One input or output: numpy data, or a list of bytes for BYTES."""
+    """An output: numpy data, or a list of bytes for BYTES."""
 
     name: str
     datatype: str
     shape: list[int]
     data: Any
-    parameters: dict = field(default_factory=dict)
+
+
+@dataclass
+class InputTensor:
+    """An input as a transport read it: its header, and how to decode its data once checked."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    decode: Callable[[], Any]  # -> numpy array of ``shape``, or BYTES elements
 
 
 @dataclass
@@ -54,7 +72,7 @@ class RequestedOutput:
 class InferRequest:
     model: str
     version: str
-    inputs: list[Tensor]
+    inputs: list[InputTensor]
     outputs: list[RequestedOutput] | None = None  # None: every output
     id: str | None = None
     parameters: dict = field(default_factory=dict)
@@ -106,6 +124,35 @@ class V2Model:
         anchors = sum((height // s) * (width // s) for s in self.model.detection.strides)
         return [anchors, 5 + len(self.model.labels)]  # YOLOX: box, objectness, class scores
 
+    def check_input(self, tensor: InputTensor) -> list[int]:
+        """The input's shape ([B, 1] for photos sent as [B]) once its name, datatype, shape
+        and batch size fit this model; a 400 naming the first that does not."""
+        if tensor.name != self.input_name:
+            raise BadRequest(f"model {self.name!r} has no input {tensor.name!r}; its input is {self.input_name!r}",
+                             code="invalid_input")
+        if tensor.datatype != self.input_datatype:
+            raise BadRequest(f"input {tensor.name!r} of model {self.name!r} is {self.input_datatype}, got "
+                             f"{tensor.datatype}", code="invalid_datatype")
+        expected, shape = [-1, *self.input_dims], tensor.shape
+        if self.takes_images and len(shape) == 1:  # [B] as well as [B, 1]: one encoded image per row
+            shape = [shape[0], 1]
+        if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
+            raise BadRequest(f"input {tensor.name!r} of model {self.name!r} has shape {expected}, got {tensor.shape}",
+                             code="invalid_shape")
+        if shape[0] > self.max_batch_size:
+            raise BadRequest(f"a batch of {shape[0]}; model {self.name!r} takes at most {self.max_batch_size}",
+                             code="too_many_images")
+        if shape[0] == 0:
+            raise BadRequest(f"input {tensor.name!r} holds no image (batch of 0)", code="no_image")
+        return shape
+
+    def check_scores(self, scores: np.ndarray, backend: str) -> np.ndarray:
+        """The route's answer has the declared output's shape (else a 502 naming the backend)."""
+        if list(scores.shape[1:]) != self.output_dims:
+            raise BackendBadResponse(backend, f"model {self.name!r} answered shape {list(scores.shape)}, "
+                                              f"declared [-1, {', '.join(map(str, self.output_dims))}]")
+        return scores
+
     def version(self, version: str | None) -> str | None:
         """The route a version names (None: every route, with failover); 404 for another."""
         if not version:
@@ -139,32 +186,37 @@ class V2Model:
         }
 
 
+def model_views(config: GatewayConfig) -> Iterator[tuple[str, ModelConfig, bool]]:
+    """(V2 name, gateway model, takes encoded images) for every V2 model: each model under its
+    own name, and each classifier as ``M_image`` unless a gateway model has that name."""
+    yield from ((m.name, m, False) for m in config.models.values())
+    for model in config.models.values():
+        if model.task == "classification" and model.name + IMAGE_SUFFIX not in config.models:
+            yield model.name + IMAGE_SUFFIX, model, True
+
+
 class Catalog:
     """The V2 models of one gateway, and inference on them."""
 
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         limit = gateway.config.server.max_images
-        self.models: dict[str, V2Model] = {}
-        for model in gateway.config.models.values():
-            self.models[model.name] = V2Model(model.name, model, False, limit)
-        for model in gateway.config.models.values():
-            image_name = model.name + IMAGE_SUFFIX
-            if model.task == "classification" and image_name not in self.models:
-                self.models[image_name] = V2Model(image_name, model, True, limit)
+        self.models = {name: V2Model(name, model, images, limit) for name, model, images in model_views(gateway.config)}
 
-    def get(self, name: str, version: str | None = None) -> V2Model:
+    def resolve(self, name: str, version: str | None = None) -> tuple[V2Model, str | None]:
+        """The V2 model and the route its version forces (None: every route); 404 for unknown ones."""
         try:
             v2 = self.models[name]
         except KeyError:
             raise NotFound(f"unknown model {name!r}; known models: {', '.join(self.models)}",
                            code="unknown_model") from None
-        v2.version(version)
-        return v2
+        return v2, v2.version(version)
+
+    def get(self, name: str, version: str | None = None) -> V2Model:
+        return self.resolve(name, version)[0]
 
     def model_ready(self, name: str, version: str | None = None) -> bool:
-        v2 = self.get(name, version)
-        route = v2.version(version)
+        v2, route = self.resolve(name, version)
         return any(self.gateway.route_ready(r) for r in v2.model.routes if route in (None, r.name))
 
     def server_ready(self) -> bool:
@@ -172,46 +224,29 @@ class Catalog:
         return all(any(self.gateway.route_ready(r) for r in m.routes) for m in self.gateway.config.models.values())
 
     def infer(self, request: InferRequest, protocol: str) -> InferResponse:
-        v2 = self.get(request.model, request.version)
-        route = v2.version(request.version)
-        tensor = self._input(v2, request.inputs)
+        v2, route = self.resolve(request.model, request.version)
+        for key, value in request.parameters.items():
+            if key not in ACCEPTED_PARAMETERS:
+                raise BadRequest(f"unknown request parameter {key!r} (accepted: "
+                                 f"{', '.join(sorted(ACCEPTED_PARAMETERS))})", code="unexpected_field")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise BadRequest(f"request parameter {key!r} must be a non-negative integer, got {value!r}",
+                                 code="invalid_parameter")
+        if len(request.inputs) != 1:
+            raise BadRequest(f"model {v2.name!r} takes exactly one input ({v2.input_name!r}), "
+                             f"got {len(request.inputs)}", code="invalid_input")
         wanted = self._outputs(v2, request.outputs)
-        if tensor.shape[0] > v2.max_batch_size:
-            raise BadRequest(f"a batch of {tensor.shape[0]}; model {v2.name!r} takes at most {v2.max_batch_size}",
-                             code="too_many_images")
+        shape = v2.check_input(request.inputs[0])
+        data = request.inputs[0].decode()  # only now: the header fits the model
         if v2.takes_images:
-            answer = self.gateway.infer_images(v2.model.name, tensor.data, route=route, protocol=protocol)
+            answer = self.gateway.infer_images(v2.model.name, data, route=route, protocol=protocol)
         else:
-            if tensor.shape[0] == 0:
-                raise BadRequest(f"input {tensor.name!r} holds no image (batch of 0)", code="no_image")
-            answer = self.gateway.infer_tensor(v2.model.name, tensor.data, route=route, protocol=protocol)
-        scores = np.asarray(answer.results, dtype=np.float32)
+            answer = self.gateway.infer_tensor(v2.model.name, np.asarray(data).reshape(shape), route=route,
+                                               protocol=protocol)
+        scores = v2.check_scores(np.asarray(answer.results, dtype=np.float32), answer.route.backend)
         outputs = [(self._output(v2, scores, asked), asked) for asked in wanted]
         return InferResponse(v2.name, answer.route.name, outputs, request.id,
                              {"backend": answer.route.backend})
-
-    @staticmethod
-    def _input(v2: V2Model, inputs: list[Tensor]) -> Tensor:
-        if len(inputs) != 1:
-            raise BadRequest(f"model {v2.name!r} takes exactly one input ({v2.input_name!r}), got {len(inputs)}",
-                             code="invalid_input")
-        tensor = inputs[0]
-        if tensor.name != v2.input_name:
-            raise BadRequest(f"model {v2.name!r} has no input {tensor.name!r}; its input is {v2.input_name!r}",
-                             code="invalid_input")
-        if tensor.datatype != v2.input_datatype:
-            raise BadRequest(f"input {tensor.name!r} of model {v2.name!r} is {v2.input_datatype}, got "
-                             f"{tensor.datatype}", code="invalid_datatype")
-        expected = [-1, *v2.input_dims]
-        shape = tensor.shape
-        if v2.takes_images and len(shape) == 1:  # [B] as well as [B, 1]: one encoded image per row
-            shape = [shape[0], 1]
-        if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
-            raise BadRequest(f"input {tensor.name!r} of model {v2.name!r} has shape {expected}, got {tensor.shape}",
-                             code="invalid_shape")
-        if v2.takes_images:
-            tensor = Tensor(tensor.name, tensor.datatype, shape, list(tensor.data), tensor.parameters)
-        return tensor
 
     @staticmethod
     def _outputs(v2: V2Model, outputs: list[RequestedOutput] | None) -> list[RequestedOutput]:

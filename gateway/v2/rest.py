@@ -13,13 +13,12 @@ import orjson
 from flask import Blueprint, Response, current_app, jsonify, request
 
 from gateway.errors import BadRequest, PayloadTooLarge
-from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, RequestedOutput, Tensor
+from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, InputTensor, RequestedOutput
 from gateway.v2.tensors import DTYPES, check_shape, element_count, from_buffer, from_list, join_bytes
 
 bp = Blueprint("v2", __name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
-REQUEST_PARAMETERS = {"binary_data_output"}
 INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 OUTPUT_KEYS = {"name", "parameters"}
 OUTPUT_PARAMETERS = {"binary_data", "classification"}
@@ -69,9 +68,8 @@ def model_config(model: str, version: str | None = None):
 @bp.post(MODEL + "/infer")
 @bp.post(VERSION + "/infer")
 def infer(model: str, version: str | None = None):
-    parsed = read_request(model, version or "", _body(), request.headers.get(HEADER_LENGTH))
-    return write_response(catalog().infer(parsed, protocol="v2-rest"),
-                          bool(parsed.parameters.get("binary_data_output", False)))
+    parsed, binary_default = read_request(model, version or "", _body(), request.headers.get(HEADER_LENGTH))
+    return write_response(catalog().infer(parsed, protocol="v2-rest"), binary_default)
 
 
 def _body() -> bytes:
@@ -91,36 +89,48 @@ def _body() -> bytes:
         raise BadRequest(f"body is not valid {encoding}: {exc}", code="invalid_encoding") from None
     if len(data) > limit:
         raise PayloadTooLarge(f"inflated request body exceeds the limit of {limit} bytes")
+    if not inflater.eof or inflater.unused_data:
+        raise BadRequest(f"body is not one complete {encoding} stream", code="invalid_encoding")
     return data
 
 
-def _mapping(value, where: str, allowed: set[str]) -> dict:
+def _mapping(value, where: str, allowed: set[str] | frozenset[str] | None = None) -> dict:
     if not isinstance(value, dict):
         raise BadRequest(f"{where} must be a JSON object, got {type(value).__name__}", code="invalid_json")
-    extra = sorted(set(value) - allowed)
+    extra = sorted(set(value) - allowed) if allowed is not None else []
     if extra:
-        raise BadRequest(f"{where}: unknown key {extra[0]!r} (accepted: {', '.join(sorted(allowed))})",
+        raise BadRequest(f"{where}: unknown key {extra[0]!r} (accepted: {', '.join(sorted(allowed or ()))})",
                          code="unexpected_field")
     return value
 
 
-def read_request(model: str, version: str, body: bytes, header_length: str | None) -> InferRequest:
-    """An infer request's body (JSON, or a JSON header then binary tensors) -> InferRequest."""
+def _flag(parameters: dict, key: str, where: str) -> bool | None:
+    value = parameters.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequest(f"{where}.{key} must be true or false, got {value!r}", code="invalid_parameter")
+    return value
+
+
+def read_request(model: str, version: str, body: bytes, header_length: str | None) -> tuple[InferRequest, bool]:
+    """An infer request's body (JSON, or a JSON header then binary tensors) -> the request, and
+    whether its outputs default to binary data (``parameters.binary_data_output``)."""
     if header_length is None:
         header, blobs = body, b""
     else:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} must be a byte count within the body's {len(body)} bytes, "
                              f"got {header_length!r}", code="invalid_header")
         header, blobs = body[:int(header_length)], body[int(header_length):]
         if not header:  # the whole body is the model's single input
-            return _raw_input_request(model, version, blobs)
+            return _raw_input_request(model, version, blobs), False
     try:
         payload = orjson.loads(header)
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request's JSON is not valid: {exc}", code="invalid_json") from None
     payload = _mapping(payload, "the request", REQUEST_KEYS)
-    parameters = _mapping(payload.get("parameters", {}), "parameters", REQUEST_PARAMETERS)
+    parameters = dict(_mapping(payload.get("parameters", {}), "parameters"))
+    binary_default = bool(_flag(parameters, "binary_data_output", "parameters"))
+    parameters.pop("binary_data_output", None)  # the REST encoding's; the rest go to the protocol
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise BadRequest("'inputs' must be a non-empty list of tensors", code="invalid_input")
@@ -137,16 +147,16 @@ def read_request(model: str, version: str, body: bytes, header_length: str | Non
     request_id = payload.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string", code="invalid_json")
-    return InferRequest(model, version, tensors, [_output(o, f"outputs[{i}]") for i, o in enumerate(outputs or [])]
-                        or None, request_id, parameters)
+    asked = [_output(o, f"outputs[{i}]") for i, o in enumerate(outputs or [])] or None
+    return InferRequest(model, version, tensors, asked, request_id, parameters), binary_default
 
 
-def _input(item, where: str, blobs: bytes, offset: int) -> tuple[Tensor, int]:
+def _input(item, where: str, blobs: bytes, offset: int) -> tuple[InputTensor, int]:
     item = _mapping(item, where, INPUT_KEYS)
     for key, kind in (("name", str), ("datatype", str), ("shape", list)):
         if not isinstance(item.get(key), kind):
             raise BadRequest(f"{where}.{key} is required ({kind.__name__})", code="invalid_input")
-    shape = check_shape(item["shape"], where)
+    name, datatype, shape = item["name"], item["datatype"], check_shape(item["shape"], where)
     parameters = _mapping(item.get("parameters", {}), f"{where}.parameters", {"binary_data_size"})
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
@@ -156,12 +166,12 @@ def _input(item, where: str, blobs: bytes, offset: int) -> tuple[Tensor, int]:
         if offset + size > len(blobs):
             raise BadRequest(f"{where}: binary_data_size {size} but only {len(blobs) - offset} binary bytes left",
                              code="invalid_data")
-        data = from_buffer(blobs[offset:offset + size], item["datatype"], shape, where)
-        return Tensor(item["name"], item["datatype"], shape, data), offset + size
+        blob = blobs[offset:offset + size]
+        return InputTensor(name, datatype, shape, lambda: from_buffer(blob, datatype, shape, where)), offset + size
     if "data" not in item:
         raise BadRequest(f"{where}: needs 'data' or parameters.binary_data_size", code="invalid_data")
-    data = from_list(item["data"], item["datatype"], shape, where)
-    return Tensor(item["name"], item["datatype"], shape, data), offset
+    data = item["data"]
+    return InputTensor(name, datatype, shape, lambda: from_list(data, datatype, shape, where)), offset
 
 
 def _output(item, where: str) -> RequestedOutput:
@@ -173,10 +183,7 @@ def _output(item, where: str) -> RequestedOutput:
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise BadRequest(f"{where}.parameters.classification must be a positive integer, got {k!r}",
                          code="invalid_output")
-    binary = parameters.get("binary_data")
-    if binary is not None and not isinstance(binary, bool):
-        raise BadRequest(f"{where}.parameters.binary_data must be true or false", code="invalid_output")
-    return RequestedOutput(item["name"], k, binary)
+    return RequestedOutput(item["name"], k, _flag(parameters, "binary_data", f"{where}.parameters"))
 
 
 def _raw_input_request(model: str, version: str, data: bytes) -> InferRequest:
@@ -184,14 +191,14 @@ def _raw_input_request(model: str, version: str, data: bytes) -> InferRequest:
     photo for ``M_image``; for a tensor model, a whole number of images in its layout and dtype)."""
     v2 = catalog().get(model, version)
     if v2.takes_images:
-        return InferRequest(model, version, [Tensor(v2.input_name, "BYTES", [1, 1], [data])])
+        return InferRequest(model, version, [InputTensor(v2.input_name, "BYTES", [1, 1], lambda: [data])])
     per_image = element_count(v2.input_dims) * DTYPES[v2.input_datatype].itemsize
     if not data or len(data) % per_image:
         raise BadRequest(f"a raw body for {model!r} must hold whole images of {per_image} bytes, got {len(data)}",
                          code="invalid_data")
     shape = [len(data) // per_image, *v2.input_dims]
-    return InferRequest(model, version, [Tensor(v2.input_name, v2.input_datatype, shape,
-                                                from_buffer(data, v2.input_datatype, shape, "the body"))])
+    return InferRequest(model, version, [InputTensor(v2.input_name, v2.input_datatype, shape,
+                                                     lambda: from_buffer(data, v2.input_datatype, shape, "the body"))])
 
 
 def write_response(answer: InferResponse, binary_default: bool) -> Response:

@@ -1,6 +1,7 @@
-"""Open Inference Protocol tensors: datatypes, and BYTES elements as the binary extension
-lays them out (each a 4-byte little-endian length, then the bytes). Pure numpy, shared by
-the REST and gRPC fronts; nothing here imports grpc or tritonclient.
+"""Open Inference Protocol tensors: datatypes, shapes, and a tensor's data from the forms the
+transports carry (raw bytes; JSON lists; BYTES elements laid out as the binary extension does:
+each a 4-byte little-endian length, then the bytes). Pure numpy, shared by the REST and gRPC
+fronts; nothing here imports grpc or tritonclient. Every refusal is a 400 naming ``where``.
 """
 from __future__ import annotations
 
@@ -16,11 +17,22 @@ DTYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in {
     "INT8": "<i1", "INT16": "<i2", "INT32": "<i4", "INT64": "<i8",
     "FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}.items()}
 V2_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+MAX_DIMS = 8  # more than any image model's tensor has
+MAX_DIM = 2**31 - 1
+JSON_KINDS = {"b": ("b", "booleans"), "f": ("biuf", "numbers")}  # numpy kinds a datatype's JSON may hold
 
 
 def datatype_of(dtype: str | np.dtype) -> str:
     """numpy dtype -> V2 datatype (the gateway's models declare float32 and the like)."""
     return V2_NAMES[np.dtype(dtype).newbyteorder("<")]
+
+
+def numpy_dtype(datatype: str, where: str) -> np.dtype:
+    try:
+        return DTYPES[datatype]
+    except KeyError:
+        raise BadRequest(f"{where}: unknown datatype {datatype!r} (one of {', '.join([*DTYPES, 'BYTES'])})",
+                         code="invalid_datatype") from None
 
 
 def element_count(shape: list[int]) -> int:
@@ -31,71 +43,82 @@ def element_count(shape: list[int]) -> int:
 
 
 def check_shape(shape, where: str) -> list[int]:
-    if not isinstance(shape, list) or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in shape):
-        raise BadRequest(f"{where}: shape must be a list of non-negative integers, got {shape!r}",
-                         code="invalid_shape")
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= MAX_DIM for d in shape)):
+        raise BadRequest(f"{where}: shape must be a list of at most {MAX_DIMS} integers within 0..{MAX_DIM}, "
+                         f"got {shape!r}", code="invalid_shape")
     return shape
+
+
+def _count_mismatch(shape: list[int], count: int, where: str) -> BadRequest:
+    return BadRequest(f"{where}: shape {shape} holds {element_count(shape)} elements, the data {count}",
+                      code="invalid_data")
 
 
 def from_buffer(data: bytes, datatype: str, shape: list[int], where: str) -> np.ndarray | list[bytes]:
     """A tensor's raw bytes (binary extension, gRPC raw contents) -> numpy, or BYTES elements."""
-    count = element_count(shape)
     if datatype == "BYTES":
-        elements = split_bytes(data, where)
-        if len(elements) != count:
-            raise BadRequest(f"{where}: shape {shape} holds {count} elements, the data {len(elements)}",
-                             code="invalid_data")
-        return elements
-    dtype = DTYPES.get(datatype)
-    if dtype is None:
-        raise BadRequest(f"{where}: unknown datatype {datatype!r} (one of {', '.join([*DTYPES, 'BYTES'])})",
-                         code="invalid_datatype")
-    if len(data) != count * dtype.itemsize:
-        raise BadRequest(f"{where}: shape {shape} of {datatype} needs {count * dtype.itemsize} bytes, "
-                         f"got {len(data)}", code="invalid_data")
+        return split_bytes(data, element_count(shape), shape, where)
+    dtype = numpy_dtype(datatype, where)
+    needed = element_count(shape) * dtype.itemsize
+    if len(data) != needed:
+        raise BadRequest(f"{where}: shape {shape} of {datatype} needs {needed} bytes, got {len(data)}",
+                         code="invalid_data")
     return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def from_elements(elements: list[bytes], shape: list[int], where: str) -> list[bytes]:
+    """BYTES elements given one by one (JSON strings, gRPC bytes_contents), counted against the shape."""
+    if len(elements) != element_count(shape):
+        raise _count_mismatch(shape, len(elements), where)
+    return elements
 
 
 def from_list(data, datatype: str, shape: list[int], where: str) -> np.ndarray | list[bytes]:
     """A tensor's JSON ``data`` (flat or nested, row-major) -> numpy, or BYTES elements."""
-    count = element_count(shape)
     if datatype == "BYTES":
-        flat = list(_flatten(data, where))
+        flat = _flatten(data, max(len(shape), 1), where)
         if not all(isinstance(x, str) for x in flat):
             raise BadRequest(f"{where}: BYTES data must be strings", code="invalid_data")
-        if len(flat) != count:
-            raise BadRequest(f"{where}: shape {shape} holds {count} elements, the data {len(flat)}",
-                             code="invalid_data")
-        return [x.encode() for x in flat]
-    dtype = DTYPES.get(datatype)
-    if dtype is None:
-        raise BadRequest(f"{where}: unknown datatype {datatype!r} (one of {', '.join([*DTYPES, 'BYTES'])})",
-                         code="invalid_datatype")
+        return from_elements([x.encode() for x in flat], shape, where)
+    dtype = numpy_dtype(datatype, where)
+    kinds, what = JSON_KINDS.get(dtype.kind, ("bui", "integers"))
     try:
-        array = np.asarray(data, dtype=np.float64 if dtype.kind == "f" else None)
-    except (ValueError, TypeError):
-        raise BadRequest(f"{where}: data must be a (nested) list of numbers", code="invalid_data") from None
-    kinds, what = {"b": ("b", "booleans"), "f": ("biuf", "numbers")}.get(dtype.kind, ("bui", "integers"))
+        array = np.asarray(data)
+    except (ValueError, TypeError):  # ragged nesting
+        raise BadRequest(f"{where}: data must be a (nested) list of {what}", code="invalid_data") from None
     if array.dtype.kind not in kinds:
         raise BadRequest(f"{where}: data of {datatype} must hold {what}, got {array.dtype.name} values",
                          code="invalid_data")
-    if array.size != count:
-        raise BadRequest(f"{where}: shape {shape} holds {count} elements, the data {array.size}", code="invalid_data")
+    if array.size != element_count(shape):
+        raise _count_mismatch(shape, array.size, where)
+    if dtype.kind in "ui" and array.size and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
+        raise BadRequest(f"{where}: data outside {datatype}'s range", code="invalid_data")
     return array.astype(dtype).reshape(shape)
 
 
-def _flatten(data, where: str):
-    if isinstance(data, list):
-        for item in data:
-            yield from _flatten(item, where)
-    else:
-        yield data
+def _flatten(data, depth: int, where: str) -> list:
+    """Nested lists -> their leaves in row-major order, refusing nesting deeper than the shape."""
+    flat: list = []
+    stack = [(data, 0)]
+    while stack:
+        item, level = stack.pop()
+        if not isinstance(item, list):
+            flat.append(item)
+        elif level >= depth and item or level > depth:
+            raise BadRequest(f"{where}: data is nested deeper than its {depth}-dimensional shape", code="invalid_data")
+        else:
+            stack.extend((x, level + 1) for x in reversed(item))
+    return flat
 
 
-def split_bytes(data: bytes, where: str) -> list[bytes]:
-    """BYTES elements from their serialized form (length-prefixed, little-endian)."""
-    elements, offset, view = [], 0, memoryview(data)
+def split_bytes(data: bytes, count: int, shape: list[int], where: str) -> list[bytes]:
+    """BYTES elements from their serialized form (length-prefixed, little-endian); exactly ``count``."""
+    elements: list[bytes] = []
+    offset, view = 0, memoryview(data)
     while offset < len(data):
+        if len(elements) == count:
+            raise BadRequest(f"{where}: shape {shape} holds {count} elements, the data more", code="invalid_data")
         if offset + 4 > len(data):
             raise BadRequest(f"{where}: BYTES data ends inside an element's length", code="invalid_data")
         (length,) = struct.unpack_from("<I", view, offset)
@@ -105,7 +128,7 @@ def split_bytes(data: bytes, where: str) -> list[bytes]:
                              code="invalid_data")
         elements.append(bytes(view[offset:offset + length]))
         offset += length
-    return elements
+    return from_elements(elements, shape, where)
 
 
 def join_bytes(elements: list[bytes]) -> bytes:
