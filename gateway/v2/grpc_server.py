@@ -187,6 +187,9 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
             try:
                 servicer._authorize(context)
                 yield from call(request_iterator, context)
+            except grpc.RpcError:  # the client went away or the server is stopping: nobody to answer
+                _count(method, grpc.StatusCode.CANCELLED)
+                return
             except Exception as exc:
                 fail(context, exc)
             _count(method, grpc.StatusCode.OK)
