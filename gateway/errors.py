@@ -42,6 +42,10 @@ class UnsupportedMediaType(GatewayError):
     status, code = 415, "unsupported_media_type"
 
 
+class TooManyRequests(GatewayError):
+    status, code = 429, "too_many_requests"
+
+
 class BackendError(GatewayError):
     """A backend failed; the message always names the backend."""
 

@@ -22,25 +22,20 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from gateway import metrics
 from gateway.api.auth import presented_key, require_key
-from gateway.errors import BadRequest, GatewayError
+from gateway.errors import BadRequest, GatewayError, TooManyRequests
 from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, InputTensor, RequestedOutput
 from gateway.v2.tensors import check_shape, from_buffer, from_elements, from_list, join_bytes, numpy_dtype
 
 log = logging.getLogger("gateway")
 STATUS_CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
                 404: grpc.StatusCode.NOT_FOUND, 413: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-                415: grpc.StatusCode.INVALID_ARGUMENT, 503: grpc.StatusCode.UNAVAILABLE,
-                504: grpc.StatusCode.DEADLINE_EXCEEDED}  # anything else (500, 502): INTERNAL
+                415: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+                503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}  # else (500, 502): INTERNAL
 CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
             "FP64": "fp64_contents"}  # typed contents per datatype (BYTES: bytes_contents; FP16: raw only)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes need no key, as /v2/health/* over REST
-
-
-class TooManyStreams(GatewayError):
-    status, code = 429, "too_many_streams"
 
 
 def _status(exc: GatewayError) -> grpc.StatusCode:
@@ -85,7 +80,8 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def ModelStreamInfer(self, request_iterator, context):
         if not self.streams.acquire(blocking=False):  # each open stream holds one of the server's threads
-            raise TooManyStreams(f"{self.max_streams} streams are open; close one or use ModelInfer")
+            raise TooManyRequests(f"{self.max_streams} streams are open; close one or use ModelInfer",
+                                  code="too_many_streams")
         try:
             for request in request_iterator:
                 try:
