@@ -119,6 +119,11 @@ class PreprocessSpec:
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         return cls(**fields)
 
+    def tensor_dims(self, layout: str | None = None) -> tuple[int, int, int]:
+        """One preprocessed image's dims (no batch axis) in ``layout`` (default: the spec's)."""
+        height, width = self.size
+        return (3, height, width) if (layout or self.layout) == "NCHW" else (height, width, 3)
+
     def decode_size(self) -> tuple[int, int]:
         """(width, height) the decoded photo needs so that resizing only ever shrinks it:
         JPEG draft mode may decode at 1/2, 1/4, 1/8 scale down to this, never below."""

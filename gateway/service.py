@@ -68,8 +68,7 @@ class Detection(Answer):
 def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
     """A preprocessed (N, ...) batch in ``layout`` -> the layout and dtype ``spec`` says; a 400
     naming the expected shape when the images do not have the spec's size and channels."""
-    height, width = spec.size
-    expected = (3, height, width) if layout == "NCHW" else (height, width, 3)
+    expected = spec.tensor_dims(layout)
     if batch.ndim != 4 or tuple(batch.shape[1:]) != expected:
         raise BadRequest(f"expected a batch of shape [N, {', '.join(map(str, expected))}] ({layout}), "
                          f"got {list(batch.shape)}", code="invalid_shape")

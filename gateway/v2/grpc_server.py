@@ -117,14 +117,15 @@ def _inputs(request) -> list[InputTensor]:
         where = f"inputs[{i}]"
         if item.parameters:
             raise BadRequest(f"{where}: unknown parameter {sorted(item.parameters)[0]!r}", code="unexpected_field")
-        tensors.append(InputTensor(item.name, item.datatype, check_shape([int(d) for d in item.shape], where),
-                                   _decoder(item, raw[i] if raw else None, where)))
+        shape = check_shape([int(d) for d in item.shape], where)
+        tensors.append(InputTensor(item.name, item.datatype, shape, _decoder(item, shape, raw[i] if raw else None,
+                                                                             where)))
     return tensors
 
 
-def _decoder(item, raw: bytes | None, where: str):
+def _decoder(item, shape: list[int], raw: bytes | None, where: str):
     """How to decode one input's data: its raw contents, or its typed ``contents`` field."""
-    shape, datatype = [int(d) for d in item.shape], item.datatype
+    datatype = item.datatype
     if raw is not None:
         return lambda: from_buffer(raw, datatype, shape, where)
     if datatype == "BYTES":

@@ -107,10 +107,7 @@ class V2Model:
     @property
     def input_dims(self) -> list[int]:
         """Without the batch axis."""
-        if self.takes_images:
-            return [1]
-        height, width = self.model.preprocess.size
-        return [3, height, width] if self.model.preprocess.layout == "NCHW" else [height, width, 3]
+        return [1] if self.takes_images else list(self.model.preprocess.tensor_dims())
 
     @property
     def output_name(self) -> str:
