@@ -7,10 +7,15 @@ QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# KServe's SDK (tests/test_kserve_sdk.py) in a venv of its own: its pins clash with the project's
+KSERVE_VENV  := .venv-kserve
+KSERVE_STAMP := $(KSERVE_VENV)/.installed
 
 .PHONY: setup serve test lint models bench bench-triton bench-torchserve bench-detect lambda clean
 
-setup: $(STAMP) models
+setup: $(STAMP) $(KSERVE_STAMP) models
+	@# the browser tests (tests/test_ui.py) drive Debian's headless Chromium; we run as root
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
 # Pinned dependencies; torch 2.13.0 resolves to the machine's local CPU wheel (never CUDA).
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
@@ -19,6 +24,13 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -r requirements-nodeps.txt 2>&1 | { $(QUIET_PIP); }
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | { $(QUIET_PIP); }
 	touch $(STAMP)
+
+# kserve 0.21.0 pins protobuf<7 and psutil<6 where the project needs protobuf 7 (TensorFlow 2.21,
+# tritonclient's gRPC): requirements-kserve.txt pins what it resolves to; no torch in it.
+$(KSERVE_STAMP): requirements-kserve.txt
+	$(PYTHON) -m venv $(KSERVE_VENV)
+	$(KSERVE_VENV)/bin/pip install -q --disable-pip-version-check -r requirements-kserve.txt 2>&1 | { $(QUIET_PIP); }
+	touch $(KSERVE_STAMP)
 
 # Idempotent: builds only the model artifacts that are missing.
 models: $(STAMP)

@@ -15,9 +15,9 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from gateway.batch import list_inputs, run_batch
 from gateway.config import load_config
-from gateway.servers.local_gateway import LocalGateway
+from gateway.tools.batch.http_engine import list_inputs, run_batch
+from gateway.tools.local_gateway import LocalGateway
 
 from common import ROOT, photos, plain_loop
 

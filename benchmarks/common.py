@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gateway.loadgen import fmt, per_thread, run_load, summarize  # noqa: F401
+from gateway.tools.loadgen import fmt, per_thread, run_load, summarize  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 

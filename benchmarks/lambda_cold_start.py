@@ -23,8 +23,8 @@ import time
 import zipfile
 from pathlib import Path
 
-from gateway.loadgen import sample_photos
-from gateway.serverless import package
+from gateway.ops import lambda_package as package
+from gateway.tools.loadgen import sample_photos
 
 from common import ROOT
 

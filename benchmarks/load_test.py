@@ -17,7 +17,7 @@ from pathlib import Path
 
 import requests
 
-from gateway.servers.local_gateway import LocalGateway
+from gateway.tools.local_gateway import LocalGateway
 
 from common import ROOT, per_thread, photos, run_load
 

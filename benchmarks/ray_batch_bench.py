@@ -32,10 +32,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from PIL import Image, ImageOps
 
-from gateway.batch import list_inputs, run_batch
 from gateway.config import load_config
-from gateway.ray_batch import DEFAULT_BATCH, run_ray_batch
-from gateway.servers.local_gateway import LocalGateway
+from gateway.tools.batch.http_engine import list_inputs, run_batch
+from gateway.tools.batch.ray_engine import DEFAULT_BATCH, run_ray_batch
+from gateway.tools.local_gateway import LocalGateway
 
 from common import ROOT, plain_loop
 

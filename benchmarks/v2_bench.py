@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from gateway.config import load_config
-from gateway.servers import triton as triton_launcher
-from gateway.servers.local_gateway import LocalGateway, free_port
+from gateway.ops.servers import triton as triton_launcher
+from gateway.tools.local_gateway import LocalGateway, free_port
 
 from common import ROOT, fmt, per_thread, run_load
 
@@ -116,7 +116,7 @@ def main() -> None:
     triton_launcher.start(config)
     triton_http = config.backends["triton"].url.removeprefix("http://")
     host, port = triton_http.rsplit(":", 1)
-    triton_grpc = f"{host}:{int(port) + 1}"  # gateway/servers/triton.py: gRPC on the HTTP port + 1
+    triton_grpc = f"{host}:{int(port) + 1}"  # gateway/ops/servers/triton.py: gRPC on the HTTP port + 1
     passthrough_port = free_port()
     passthrough = subprocess.Popen(
         [str(Path(sys.executable).parent / "gunicorn"), "-k", "gthread", "--threads", "8", "-b",

@@ -7,7 +7,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import metrics
-from gateway.api import auth, classify, health, models, openapi
+from gateway.api import auth, classify, health, models, openapi, ui
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, PayloadTooLarge
 from gateway.service import Gateway
@@ -31,7 +31,7 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
         gateway.load()
     app.extensions["gateway"] = gateway
     app.extensions["v2"] = Catalog(gateway)
-    for bp in (classify.bp, models.bp, health.bp, openapi.bp, v2_rest.bp):
+    for bp in (classify.bp, models.bp, health.bp, openapi.bp, v2_rest.bp, ui.bp):
         app.register_blueprint(bp)
     auth.install(app)
     register_error_handlers(app)

@@ -6,15 +6,15 @@ import importlib
 import sys
 
 COMMAND_MODULES = (
-    "gateway.serve",          # serve
-    "gateway.export.build",   # models build
-    "gateway.servers.cli",    # backends up|down|status
-    "gateway.client",         # classify
-    "gateway.detect_cli",     # detect
-    "gateway.bench",          # bench
-    "gateway.batch",          # batch
-    "gateway.evaluation",     # eval
-    "gateway.serverless.package",  # package lambda
+    "gateway.serve",  # serve
+    "gateway.ops.export.build",  # models build
+    "gateway.ops.servers.cli",  # backends up|down|status
+    "gateway.tools.client",  # classify
+    "gateway.tools.detect",  # detect
+    "gateway.tools.bench",  # bench
+    "gateway.tools.batch.cli",  # batch
+    "gateway.tools.evaluation",  # eval
+    "gateway.ops.lambda_package",  # package lambda
 )
 
 

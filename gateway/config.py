@@ -10,6 +10,7 @@ Relative paths resolve against the folder of the YAML file that holds them while
 """
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -19,23 +20,18 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import Field, ValidationError
 
-from gateway.backends.base import Backend, BackendSettings
-from gateway.backends.embedded import EmbeddedBackend, EmbeddedSettings
-from gateway.backends.tfserving import TFServingBackend, TFServingSettings
-from gateway.backends.torchserve import TorchServeBackend, TorchServeSettings
-from gateway.backends.triton import TritonBackend, TritonSettings
-from gateway.detection import BOX_RESIZES, DetectionSpec
+from gateway.backends.base import BackendSettings
+from gateway.backends.registry import KINDS as BACKEND_KINDS
+from gateway.backends.registry import AnySettings
 from gateway.preprocess import PreprocessSpec, SpecError
+from gateway.routing import Route
 from gateway.settings import ConfigPath, Name, NonNegInt, PosInt, Settings
+from gateway.tasks import TASKS, Task
 
 log = logging.getLogger("gateway")
 
 PACKAGE_LABELS = {"imagenet": Path(__file__).parent / "data" / "imagenet_labels.txt",
                   "coco": Path(__file__).parent / "data" / "coco80_labels.txt"}
-BACKEND_KINDS: dict[str, type[Backend]] = {
-    "embedded": EmbeddedBackend, "triton": TritonBackend, "torchserve": TorchServeBackend,
-    "tfserving": TFServingBackend,
-}
 # old key -> new key, per kind of mapping: still read, with a warning naming the new key
 RENAMED_KEYS = {"route": {"model": "backend_model", "input": "input_name"},
                 "torchserve": {"max_batch": "max_batch_size"}}
@@ -44,10 +40,6 @@ Output = Literal["logits", "probabilities"]  # gateway.postprocess.OUTPUTS
 
 class ConfigError(ValueError):
     pass
-
-
-def backend_class(kind: str) -> type[Backend]:
-    return BACKEND_KINDS[kind]
 
 
 # -- the YAML's schema -------------------------------------------------------------------
@@ -99,40 +91,22 @@ class RouteSettings(Settings):
 
 
 class ModelSettings(Settings):
-    task: Literal["classification", "detection"] = "classification"
+    task: Name = "classification"  # a key of gateway.tasks.TASKS
     labels: Name = "imagenet"  # "imagenet", "coco" or a labels file, one name per line
     weights: Name = "auto"  # "auto": what artifacts.json says the build got
     preprocess: PreprocessSettings = PreprocessSettings()
     output: Output = "logits"  # classification: what the model's scores are, whatever the route
-    postprocess: dict[str, Any] | None = None  # detection: gateway.detection.DetectionSpec's fields
+    postprocess: dict[str, Any] | None = None  # the task's settings (detection: DetectionSpec's fields)
     routes: Annotated[list[RouteSettings], Field(min_length=1)]
-
-
-AnyBackendSettings = Annotated[
-    EmbeddedSettings | TritonSettings | TorchServeSettings | TFServingSettings,
-    Field(discriminator="kind")]
 
 
 class ConfigSettings(Settings):
     server: ServerSettings = ServerSettings()
-    backends: Annotated[dict[str, AnyBackendSettings], Field(min_length=1)]
+    backends: Annotated[dict[str, AnySettings], Field(min_length=1)]
     models: Annotated[dict[str, ModelSettings], Field(min_length=1)]
 
 
 # -- the resolved configuration ------------------------------------------------------------
-@dataclass(frozen=True)
-class Route:
-    model: str  # the gateway's model
-    name: str  # what ?route= names
-    backend: str  # a key of GatewayConfig.backends
-    backend_model: str  # the engine's name for the model
-    preprocess: PreprocessSpec
-    output: str  # logits | probabilities: what this route's engine returns
-    version: str | None = None
-    input_name: str | None = None  # None: learn from the engine's metadata
-    output_name: str | None = None
-
-
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -143,8 +117,7 @@ class ModelConfig:
     preprocess_source: str
     output: str
     routes: tuple[Route, ...]
-    task: str = "classification"
-    detection: DetectionSpec | None = None  # a detector's postprocessing
+    task: Task  # what the model does with its raw output (gateway.tasks)
 
 
 @dataclass(frozen=True)
@@ -236,7 +209,9 @@ def parse_config(data: Any, root: Path) -> GatewayConfig:
     try:
         settings = ConfigSettings.model_validate(data, context={"root": root})
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0], data)) from None
+        errors = exc.errors()  # a stray key first: a misspelt key also makes its right spelling missing
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise ConfigError(_describe(first, data)) from None
     models = {name: _model(name, m, settings, root) for name, m in settings.models.items()}
     default = settings.server.default_model or next(iter(models))
     if default not in models:
@@ -269,21 +244,23 @@ def _model(name: str, m: ModelSettings, settings: ConfigSettings, root: Path) ->
     return ModelConfig(name=name, labels=labels, labels_source=m.labels,
                        weights=_weights(m.weights, name, settings.server.artifacts),
                        preprocess=spec, preprocess_source=m.preprocess.source, output=m.output, routes=tuple(routes),
-                       task=m.task, detection=_detection(m, routes, where))
+                       task=_task(m, routes, where))
 
 
-def _detection(m: ModelSettings, routes: list[Route], where: str) -> DetectionSpec | None:
-    """A detector's postprocessing, validated; boxes can only be mapped back through some resizes."""
-    if m.task != "detection":
-        if m.postprocess is not None:
-            raise ConfigError(f"{where}.postprocess: expected only for task: detection, got {m.postprocess!r}")
-        return None
+def _task(m: ModelSettings, routes: list[Route], where: str) -> Task:
+    """The model's task with its settings (``postprocess``), validated against every route."""
+    if m.task not in TASKS:
+        raise ConfigError(f"{where}.task: expected one of {sorted(TASKS)}, got {m.task!r}")
+    kind = TASKS[m.task]
+    if m.postprocess is not None and not kind.has_settings:
+        takes = [name for name, k in TASKS.items() if k.has_settings]
+        raise ConfigError(f"{where}.postprocess: expected only for task: {' or '.join(takes)}, got {m.postprocess!r}")
     for i, route in enumerate(routes):
-        if route.preprocess.resize not in BOX_RESIZES:
-            raise ConfigError(f"{where}.routes[{i}].preprocess.resize: a detector's boxes map back to the photo "
-                              f"only through {list(BOX_RESIZES)}, got {route.preprocess.resize!r}")
+        problem = kind.route_problem(route.preprocess)
+        if problem:
+            raise ConfigError(f"{where}.routes[{i}].preprocess.{problem}")
     try:
-        return DetectionSpec.from_dict(m.postprocess or {})
+        return kind.from_settings(m.postprocess or {})
     except (ValueError, TypeError) as exc:
         field, _, message = str(exc).partition(": ")
         raise ConfigError(f"{where}.postprocess.{field}: {message}") from None
@@ -373,7 +350,10 @@ def _describe(error: Any, data: dict) -> str:
     if kind == "extra_forbidden":
         schema = _schema_at(loc[:-1], data)
         allowed = f" (allowed: {', '.join(schema.model_fields)})" if schema else ""
-        return f"{where}: unknown key{allowed}, got {given!r}"
+        close = difflib.get_close_matches(str(loc[-1]), list(schema.model_fields), n=1) if schema else []
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        got = "" if isinstance(given, (dict, list)) else f", got {given!r}"
+        return f"{where}: unknown key{allowed}{got}{hint}"
     if kind == "missing":
         return f"{where}: required, but missing"
     if kind == "union_tag_invalid":

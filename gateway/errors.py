@@ -54,10 +54,13 @@ class BackendError(GatewayError):
     def __init__(self, backend: str, message: str, **kw):
         super().__init__(f"backend {backend!r}: {message}", **kw)
         self.backend = backend
+        self.routes_tried: tuple[str, ...] = ()  # set when every route of a model failed
 
     def to_dict(self) -> dict:
         body = super().to_dict()
         body["error"]["backend"] = self.backend
+        if self.routes_tried:
+            body["error"]["routes_tried"] = list(self.routes_tried)
         return body
 
 
@@ -85,11 +88,15 @@ class BackendRejected(BackendError):
     status, code = 502, "backend_rejected_input"
 
 
-def all_routes_failed(model: str, failures: list[BackendError]) -> BackendError:
+def all_routes_failed(model: str, failures: list[BackendError], routes: list[str]) -> BackendError:
     """One error for a request whose every route failed over: the last failure's kind (503
-    or 504) and backend stand for the request; the message lists every route's fault."""
+    or 504) and backend stand for the request; the message lists every route's fault and
+    ``routes_tried`` names the routes in the order they were tried."""
     if len(failures) == 1:
-        return failures[0]
-    last = failures[-1]
-    return type(last)(last.backend, f"every route of model {model!r} failed: "
-                                    + "; ".join(f.message for f in failures))
+        error = failures[0]
+    else:
+        last = failures[-1]
+        error = type(last)(last.backend, f"every route of model {model!r} failed ({', '.join(routes)}): "
+                                         + "; ".join(f.message for f in failures))
+    error.routes_tried = tuple(routes)
+    return error

@@ -1,64 +1,45 @@
-"""Failover order with a circuit breaker per route.
+"""A model's routes and which of them a request may take.
 
-A route whose backend failed (down or timing out) is "open": it moves behind the healthy
-routes for a back-off period that doubles with each consecutive failure (1 s .. 30 s).
-When the period ends, one request probes it again in its configured place (half-open;
-requests arriving within a base period keep it behind the others, so concurrent requests do
-not all probe a dead backend and double its back-off each); one success closes it. Open
-routes are still tried last, so a request is never refused only because every breaker is open.
+A route is one way to serve a model: an engine (``backend``), the engine's name for the model,
+and the preprocessing and output meaning of that engine's copy. ``choose`` applies a request's
+``?route=`` (by name) and the older ``?backend=`` (by engine) to a model's routes.
 """
 from __future__ import annotations
 
-import threading
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.errors import NotFound
+from gateway.preprocess import PreprocessSpec
 
 
-class RouteHealth:
-    def __init__(self, base_backoff_s: float = 1.0, max_backoff_s: float = 30.0, clock=time.monotonic):
-        self.base, self.max, self.clock = base_backoff_s, max_backoff_s, clock
-        self._failures: dict[tuple, int] = {}
-        self._open_until: dict[tuple, float] = {}
-        self._lock = threading.Lock()
+@dataclass(frozen=True)
+class Route:
+    model: str  # the gateway's model
+    name: str  # what ?route= names
+    backend: str  # a key of GatewayConfig.backends
+    backend_model: str  # the engine's name for the model
+    preprocess: PreprocessSpec
+    output: str  # logits | probabilities: what this route's engine returns
+    version: str | None = None
+    input_name: str | None = None  # None: learn from the engine's metadata
+    output_name: str | None = None
 
-    @staticmethod
-    def _key(route) -> tuple:
-        return (route.model, route.name)
 
-    def is_open(self, route) -> bool:
-        return self._open_until.get(self._key(route), 0.0) > self.clock()
-
-    def order(self, routes: list) -> list:
-        """Closed routes first, in order; a route whose back-off ended goes first for this
-        request only (the probe) and stays behind for the others until it answers."""
-        with self._lock:
-            now = self.clock()
-            first, last = [], []
-            for route in routes:
-                key = self._key(route)
-                until = self._open_until.get(key)
-                if until is None:
-                    first.append(route)
-                elif until <= now:  # half-open: this request probes; others wait a base period for
-                    self._open_until[key] = now + self.base  # its answer (or probe again if it never tried)
-                    first.append(route)
-                else:
-                    last.append(route)
-            return first + last
-
-    def failed(self, route) -> None:
-        key = self._key(route)
-        with self._lock:
-            n = self._failures.get(key, 0) + 1
-            self._failures[key] = n
-            self._open_until[key] = self.clock() + min(self.max, self.base * 2 ** (n - 1))
-
-    def succeeded(self, route) -> None:
-        key = self._key(route)
-        with self._lock:
-            self._failures.pop(key, None)
-            self._open_until.pop(key, None)
-
-    def state(self, route) -> dict:
-        key = self._key(route)
-        return {"circuit": "open" if self.is_open(route) else "closed",
-                "consecutive_failures": self._failures.get(key, 0)}
+def choose(model: str, routes: Sequence[Route], route: str | None = None, backend: str | None = None) -> list[Route]:
+    """The routes to try in order: all of them, or the one forced by its name (``route``), by its
+    engine (``backend``), or by both. ``backend`` naming a route (not an engine) is the deprecated
+    spelling of ``route`` and still works. A 404 lists the model's routes."""
+    if route is None and backend is None:
+        return list(routes)
+    chosen = list(routes)
+    if route is not None:
+        chosen = [r for r in chosen if r.name == route]
+    if backend is not None:
+        chosen = [r for r in chosen if r.backend == backend] or \
+                 ([r for r in chosen if r.name == backend] if route is None else [])
+    if chosen:
+        return chosen[:1]
+    asked = " on ".join(f"{k} {v!r}" for k, v in (("route", route), ("backend", backend)) if v is not None)
+    raise NotFound(f"model {model!r} has no {asked}; its routes: "
+                   + ", ".join(f"{r.name} ({r.backend})" for r in routes), code="unknown_backend")

@@ -63,6 +63,9 @@ def serve(args) -> int:
                 "child_exit": _child_exit,
                 "worker_exit": _stop_grpc,
                 "on_exit": lambda server: _cleanup(metrics_dir),
+                # this server's own control socket (gunicornc -s PATH): gunicorn's default is one path
+                # per user, which a second gateway would take over and remove when it stops
+                "control_socket": os.path.join(metrics_dir, "gunicorn.ctl"),
                 # no cap on the request line: a long query reaches the app, which refuses unknown and
                 # repeated parameters by name (a gunicorn 414 would name nothing useful)
                 "limit_request_line": 0,

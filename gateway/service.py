@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from gateway import detection, metrics, postprocess
+from gateway import metrics, postprocess, routing, tasks
 from gateway.backends.base import Backend
-from gateway.config import GatewayConfig, ModelConfig, Route, backend_class
+from gateway.backends.registry import backend_class
+from gateway.breaker import RouteHealth
+from gateway.config import GatewayConfig, ModelConfig
 from gateway.errors import (
-    BackendBadResponse,
     BackendError,
     BackendTimeout,
     BackendUnavailable,
@@ -29,8 +30,8 @@ from gateway.errors import (
     NotFound,
     all_routes_failed,
 )
-from gateway.preprocess import ImageError, PreprocessSpec, decode_image, original_size, preprocess_image
-from gateway.routing import RouteHealth
+from gateway.preprocess import PreprocessSpec
+from gateway.routing import Route
 
 log = logging.getLogger("gateway")
 READY_TTL_S = 1.0
@@ -38,31 +39,35 @@ READY_TTL_S = 1.0
 
 @dataclass
 class Answer:
-    """What one route answered, already postprocessed, and how long each phase took."""
+    """What one route answered for a request: each image's results for the model's task, and
+    how long each phase took."""
 
     model: ModelConfig
     route: Route
     results: Any
     timings_ms: dict[str, float]
-    result_key: ClassVar[str] = "results"  # what each image's results are called in the JSON answer
 
     def to_dict(self) -> dict:
+        """The v1 JSON answer."""
+        key = self.model.task.result_key
         return {
             "model": self.model.name,
             "backend": self.route.backend,
             "route": self.route.name,
             "weights": self.model.weights,
-            "results": [{self.result_key: r} for r in self.results],
+            "results": [{key: r} for r in self.results],
             "timings_ms": self.timings_ms,
         }
 
 
-class Classification(Answer):
-    result_key = "predictions"
+@dataclass
+class Scores:
+    """What one route answered as the model's raw (N, ...) scores (the V2 front's answer)."""
 
-
-class Detection(Answer):
-    result_key = "detections"
+    model: ModelConfig
+    route: Route
+    scores: np.ndarray
+    timings_ms: dict[str, float]
 
 
 def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
@@ -88,13 +93,22 @@ class Gateway:
         self._ready_cache: dict[tuple, tuple[float, bool]] = {}
 
     def load(self) -> None:
-        """Open every backend; a backend that is down only makes its routes unready."""
+        """Open every backend; a backend that is down only makes its routes unready. Routes of
+        in-process engines that cannot serve (a missing or corrupt model file) are named in a
+        warning now, not first in a request's 503."""
         for name, backend in self.backends.items():
             routes = [r for m in self.config.models.values() for r in m.routes if r.backend == name]
             try:
                 backend.load(routes)
             except BackendError as exc:
                 log.warning("%s", exc.message)
+                continue
+            if self.config.backends[name].kind != "embedded":
+                continue  # remote engines may start later; /v1/models shows their readiness
+            for route in routes:
+                if not backend.ready(route):
+                    reason = backend.metadata(route).get("error", "not ready")
+                    log.warning("model %s, route %s cannot serve: %s", route.model, route.name, reason)
 
     def close(self) -> None:
         for backend in self.backends.values():
@@ -110,21 +124,7 @@ class Gateway:
                            code="unknown_model") from None
 
     def routes(self, model: ModelConfig, route: str | None = None, backend: str | None = None) -> list[Route]:
-        """The routes to try in order: all of them, or the one forced by its name (``route``),
-        by its backend (``backend``, which may also name a route), or by both."""
-        if route is None and backend is None:
-            return list(model.routes)
-        chosen = list(model.routes)
-        if route is not None:
-            chosen = [r for r in chosen if r.name == route]
-        if backend is not None:
-            chosen = [r for r in chosen if r.backend == backend] or \
-                     ([r for r in chosen if r.name == backend] if route is None else [])
-        if chosen:
-            return chosen[:1]
-        asked = " on ".join(f"{k} {v!r}" for k, v in (("route", route), ("backend", backend)) if v is not None)
-        raise NotFound(f"model {model.name!r} has no {asked}; its routes: "
-                       + ", ".join(f"{r.name} ({r.backend})" for r in model.routes), code="unknown_backend")
+        return routing.choose(model.name, model.routes, route, backend)
 
     def route_ready(self, route: Route) -> bool:
         """The backend's answer, reused for READY_TTL_S: probes (/readyz, listings) polled by
@@ -143,98 +143,63 @@ class Gateway:
         return ready
 
     # -- the pipeline ----------------------------------------------------------------------
-    def decode(self, images: list[bytes], model: ModelConfig) -> list:
-        """Decode every image once (JPEG draft mode sized for the most demanding route)."""
-        if not images:
+    def check_count(self, count: int) -> None:
+        """A request's number of images, within the server's bound (every protocol, every input kind)."""
+        if count == 0:
             raise BadRequest("the request holds no image", code="no_image")
-        if len(images) > self.config.server.max_images:
-            raise BadRequest(f"{len(images)} images in one request; the limit is "
-                             f"{self.config.server.max_images}", code="too_many_images")
-        sizes = [r.preprocess.decode_size() for r in model.routes]
-        draft = (max(w for w, _ in sizes), max(h for _, h in sizes))
-        decoded = []
-        for i, data in enumerate(images):
+        if count > self.config.server.max_images:
+            raise BadRequest(f"{count} images in one request; the limit is {self.config.server.max_images}",
+                             code="too_many_images")
+
+    def decode(self, images: list[bytes], model: ModelConfig) -> list:
+        self.check_count(len(images))
+        return tasks.decode(images, [r.preprocess for r in model.routes], self.config.server.max_pixels)
+
+    def infer(self, model_name: str | None, images: list[bytes], task: str | None = None,
+              options: Mapping[str, Any] | None = None, route: str | None = None, backend: str | None = None,
+              protocol: str = "rest") -> Answer:
+        """Encoded photos -> each photo's results for the model's task. ``task`` (the task the
+        client asked for by its endpoint) must be the model's; ``options`` are the task's
+        request options (top_k; a detector's thresholds), query strings accepted."""
+        model = self.model(model_name)
+        if task is not None and model.task.name != task:
+            raise BadRequest(f"model {model.name!r} does {model.task.name}, not {task}: use "
+                             f"/v1/models/{model.name}/{model.task.verb}", code="wrong_task")
+        with self.observed(model, count=len(images), protocol=protocol) as outcome:
             try:
-                decoded.append(decode_image(data, self.config.server.max_pixels, draft_size=draft))
-            except ImageError as exc:
-                where = f"image {i}: " if len(images) > 1 else ""
-                raise BadRequest(f"{where}{exc}", code="invalid_image") from None
-        return decoded
-
-    def task_model(self, name: str | None, task: str) -> ModelConfig:
-        """The model, which must do ``task`` (a classifier cannot detect, nor a detector classify)."""
-        model = self.model(name)
-        if model.task != task:
-            verb = {"classification": "classify", "detection": "detect"}[model.task]
-            raise BadRequest(f"model {model.name!r} does {model.task}, not {task}: use "
-                             f"/v1/models/{model.name}/{verb}", code="wrong_task")
-        return model
-
-    def classify(self, model_name: str | None, images: list[bytes], top_k: int | None = None,
-                 route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Classification:
-        model = self.task_model(model_name, "classification")
-        with self.observed(model, count=len(images), protocol=protocol) as outcome:
-            k = top_k or self.config.server.default_top_k
-            if not 1 <= k <= len(model.labels):
-                raise BadRequest(f"top_k must be between 1 and {len(model.labels)}, got {k}",
-                                 code="invalid_parameter")
+                chosen = model.task.options(options or {}, self.config.server.default_top_k, len(model.labels))
+            except (ValueError, TypeError) as exc:
+                raise BadRequest(str(exc), code="invalid_parameter") from None
             started = time.perf_counter()
             decoded = self.decode(images, model)
+            sizes = tasks.sizes(decoded)
             answer = self.run(model, route, backend, started=started,
-                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
-                              finish=lambda r, raw: postprocess.predictions(raw, r.output, model.labels, k))
-            outcome["backend"] = answer.route.backend
-            return Classification(**vars(answer))
-
-    def detect(self, model_name: str | None, images: list[bytes], params: dict | None = None,
-               route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Detection:
-        """Boxes in each photo's own pixels (after EXIF orientation). ``params`` may override the
-        model's score_threshold, iou_threshold and max_detections (query strings accepted)."""
-        model = self.task_model(model_name, "detection")
-        assert model.detection is not None
-        try:
-            spec = model.detection.with_overrides(params or {})
-        except (ValueError, TypeError) as exc:
-            raise BadRequest(str(exc), code="invalid_parameter") from None
-        with self.observed(model, count=len(images), protocol=protocol) as outcome:
-            started = time.perf_counter()
-            decoded = self.decode(images, model)
-
-            def finish(r: Route, raw: np.ndarray) -> list:
-                found = detection.detections(raw, [im.size for im in decoded], model.labels, r.preprocess, spec)
-                return [detection.rescale(f, im.size, original_size(im)) for f, im in zip(found, decoded)]
-
-            answer = self.run(model, route, backend, started=started, finish=finish,
-                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]))
-            outcome["backend"] = answer.route.backend
-            return Detection(**vars(answer))
-
-    def infer_images(self, model_name: str | None, images: list[bytes], route: str | None = None,
-                     backend: str | None = None, protocol: str = "rest") -> Answer:
-        """Encoded images -> the model's raw scores (N, classes) in the meaning the model
-        declares (``model.output``), preprocessed as each route needs."""
-        model = self.model(model_name)
-        with self.observed(model, count=len(images), protocol=protocol) as outcome:
-            started = time.perf_counter()
-            decoded = self.decode(images, model)
-            answer = self.run(model, route, backend, started=started,
-                              prepare=lambda r: np.stack([preprocess_image(im, r.preprocess) for im in decoded]),
-                              finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
+                              prepare=lambda r: tasks.prepare(decoded, r.preprocess),
+                              finish=lambda r, raw: model.task.answer(raw, r, model.labels, sizes, chosen))
             outcome["backend"] = answer.route.backend
             return answer
 
-    def infer_tensor(self, model_name: str | None, batch: np.ndarray, layout: str | None = None,
-                     route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Answer:
-        """A batch already preprocessed as the model declares it (``model.preprocess``; ``layout``
-        may say NCHW/NHWC instead) -> the model's raw scores in the model's meaning. Each route
-        gets the layout and dtype its engine takes; the backends split batches above their limit."""
+    def scores(self, model_name: str | None, inputs: list[bytes] | np.ndarray, layout: str | None = None,
+               route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Scores:
+        """The model's raw (N, ...) scores in the meaning the model declares (``model.output``),
+        for encoded photos (a list of bytes, preprocessed as each route needs) or for a batch
+        already preprocessed as the model declares it (an array; ``layout`` may say NCHW/NHWC
+        instead). Each route gets the layout and dtype its engine takes."""
         model = self.model(model_name)
-        layout = layout or model.preprocess.layout
-        with self.observed(model, count=len(batch), protocol=protocol) as outcome:
-            answer = self.run(model, route, backend, prepare=lambda r: conform(batch, layout, r.preprocess),
-                              finish=lambda r, raw: postprocess.to_meaning(raw, r.output, model.output))
+        with self.observed(model, count=len(inputs), protocol=protocol) as outcome:
+            started = time.perf_counter()
+            if isinstance(inputs, np.ndarray):
+                self.check_count(len(inputs))
+                batch, given = inputs, layout or model.preprocess.layout
+                prepare: Callable[[Route], np.ndarray] = lambda r: conform(batch, given, r.preprocess)
+            else:
+                decoded = self.decode(inputs, model)
+                prepare = lambda r: tasks.prepare(decoded, r.preprocess)
+            answer = self.run(model, route, backend, started=started, prepare=prepare,
+                              finish=lambda r, raw: postprocess.to_meaning(model.task.shaped(raw, r, len(model.labels)),
+                                                                           r.output, model.output))
             outcome["backend"] = answer.route.backend
-            return answer
+            return Scores(model, answer.route, answer.results, answer.timings_ms)
 
     @contextmanager
     def observed(self, model: ModelConfig, count: int, protocol: str = "rest") -> Iterator[dict]:
@@ -270,11 +235,13 @@ class Gateway:
         deadline = started + self.config.server.request_timeout_s
         batches: dict = {}
         failures: list[BackendError] = []
+        tried: list[str] = []  # route names, in the order tried
         for chosen in routes if forced else self.health.order(routes):
             t0 = time.perf_counter()
             if t0 > deadline:  # failover must not outlive the request's time budget
                 failures.append(BackendTimeout(chosen.backend, "not tried: the request timeout "
                                                f"({self.config.server.request_timeout_s:g} s) ran out"))
+                tried.append(chosen.name)
                 break
             batch = batches.get(chosen.preprocess)
             if batch is None:
@@ -285,17 +252,15 @@ class Gateway:
             except (BackendUnavailable, BackendTimeout) as exc:
                 self.health.failed(chosen)
                 failures.append(exc)
+                tried.append(chosen.name)
                 log.warning("route %s/%s failed: %s", model.name, chosen.name, exc.message)
                 continue
             self.health.succeeded(chosen)
             t2 = time.perf_counter()
-            try:
-                results = finish(chosen, raw)
-            except ValueError as exc:
-                raise BackendBadResponse(chosen.backend, str(exc)) from None
+            results = finish(chosen, raw)
             t3 = time.perf_counter()
             metrics.INFERENCE.labels(model.name, chosen.backend).observe(t2 - t1)
             timings = {"preprocess": (begun - started) + (t1 - t0), "inference": t2 - t1,
                        "postprocess": t3 - t2, "total": t3 - started}
             return Answer(model, chosen, results, {k: round(v * 1e3, 3) for k, v in timings.items()})
-        raise all_routes_failed(model.name, failures)
+        raise all_routes_failed(model.name, failures, tried)

@@ -23,7 +23,7 @@ import requests
 import yaml
 
 from gateway.config import PACKAGE_LABELS, GatewayConfig, load_config, parse_config
-from gateway.servers.local_gateway import LocalGateway, free_port
+from gateway.tools.local_gateway import LocalGateway, free_port
 
 from helpers import Api, jpeg_bytes
 
@@ -193,14 +193,14 @@ def pytest_sessionfinish(session, exitstatus):
         except Exception:
             was_running = False
         if not was_running:
-            launcher = importlib.import_module(f"gateway.servers.{SERVERS[name]}")
+            launcher = importlib.import_module(f"gateway.ops.servers.{SERVERS[name]}")
             launcher.stop(load_config(ROOT / "gateway.yaml"))
     _STARTING.clear()
 
 
 def _start(kind: str) -> bool:
     """Start the gateway.yaml backend of this kind; whether one was already running."""
-    launcher = importlib.import_module(f"gateway.servers.{kind}")
+    launcher = importlib.import_module(f"gateway.ops.servers.{kind}")
     config = load_config(ROOT / "gateway.yaml")
     was_running = launcher.status(config)["running"]
     launcher.start(config, timeout=300)
@@ -218,7 +218,7 @@ def _server(name: str):
 def triton_server():
     """The real tritonserver on gateway.yaml's ports, started once; one already started by
     `gateway backends up` is reused and kept."""
-    from gateway.servers import triton as launcher
+    from gateway.ops.servers import triton as launcher
 
     config, was_running = _server("triton_server")
     yield config
@@ -231,7 +231,7 @@ def triton_server():
 def torchserve_server():
     """The real TorchServe on gateway.yaml's ports, started once and stopped at the end. A test
     that stops it starts it again."""
-    from gateway.servers import torchserve as launcher
+    from gateway.ops.servers import torchserve as launcher
 
     config, _ = _server("torchserve_server")
     yield config

@@ -14,8 +14,8 @@ import requests
 import yaml
 
 from gateway.config import load_config, parse_config
-from gateway.evaluation import agreement, evaluate_route, in_process_classifier, read_labels
 from gateway.service import Gateway
+from gateway.tools.evaluation import agreement, evaluate_route, in_process_classifier, read_labels
 
 from conftest import ROOT
 

@@ -5,7 +5,9 @@ import sys
 
 import pytest
 
-from gateway.batch import list_inputs, load_done, run_batch, shard
+from gateway.tools.batch.http_engine import run_batch
+from gateway.tools.batch.inputs import list_inputs, shard
+from gateway.tools.batch.lines import read_local
 
 from conftest import ROOT
 from helpers import CAT
@@ -42,12 +44,15 @@ def test_interrupted_batch_resumes_with_every_image_exactly_once(gateway_url, fo
     run_batch(folder, out, url=gateway_url, concurrency=2, progress=False, limit=4, log=lambda m: None)
     with open(out, "a") as f:
         f.write('{"file": "img_04.jpg", "predic')  # a crash mid-line
-    assert load_done(out) == {f"img_{i:02d}.jpg" for i in range(4)}  # torn line cut
+    assert {r["file"] for r in read_local(out)} == {f"img_{i:02d}.jpg" for i in range(4)}  # torn line cut
     stats = run_batch(folder, out, url=gateway_url, concurrency=2, progress=False, log=lambda m: None)
     assert stats["skipped"] == 4 and stats["written"] == 5
     assert [r["file"] for r in lines(out)] == [f"img_{i:02d}.jpg" for i in range(9)]
     again = run_batch(folder, out, url=gateway_url, progress=False, log=lambda m: None)
-    assert again["written"] == 0 and len(lines(out)) == 9
+    # a re-run retries only the error line (the corrupt img_04), which stays one line
+    assert again["skipped"] == 8 and again["written"] == 1 and again["errors"] == 1 and len(lines(out)) == 9
+    kept = run_batch(folder, out, url=gateway_url, progress=False, keep_errors=True, log=lambda m: None)
+    assert kept["skipped"] == 9 and kept["written"] == 0 and len(lines(out)) == 9
 
 
 def test_output_inside_the_input_folder_is_never_an_input(gateway_url, folder, tmp_path):
@@ -82,9 +87,9 @@ def test_list_file_input_and_bad_shard(folder, tmp_path):
 
 
 def test_gateway_outage_stops_without_writing_error_lines(folder, tmp_path, monkeypatch):
-    import gateway.batch
+    from gateway.tools.batch import http_engine
 
-    monkeypatch.setattr(gateway.batch, "RETRY_DELAY_S", 0.01)  # the retries themselves, not their waits
+    monkeypatch.setattr(http_engine, "RETRY_DELAY_S", 0.01)  # the retries themselves, not their waits
     out = tmp_path / "down.jsonl"
     stats = run_batch(folder, out, url="http://127.0.0.1:9", progress=False, log=lambda m: None)
     assert "aborted" in stats and stats["written"] == 0

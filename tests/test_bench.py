@@ -27,7 +27,7 @@ def test_bench_sweep_writes_json_csv_and_png(gateway_url, tmp_path, capsys):
 
 
 def test_load_generator_counts_requests_and_errors_in_both_modes():
-    from gateway.loadgen import run_load
+    from gateway.tools.loadgen import run_load
 
     calls = []
 

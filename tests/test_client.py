@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from gateway.client import ClientError, GatewayClient
+from gateway.tools.client import ClientError, GatewayClient
 
 from conftest import ROOT
 from helpers import CAT, CAT_LABELS

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from gateway.config import load_config
-from gateway.servers import docker as docker_launcher
+from gateway.ops.servers import docker as docker_launcher
 
 from conftest import ROOT
 

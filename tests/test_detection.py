@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from gateway.detect_cli import drawing_path, format_detections
 from gateway.detection import (
     DetectionSpec,
     class_aware_nms,
@@ -23,9 +22,10 @@ from gateway.detection import (
     nms,
     photo_to_model,
 )
-from gateway.draw import class_colour, draw_detections
-from gateway.export import yolox
+from gateway.ops.export import yolox
 from gateway.preprocess import PreprocessSpec, decode_image, preprocess_bytes, resize
+from gateway.tools.detect import drawing_path, format_detections
+from gateway.tools.draw import class_colour, draw_detections
 
 from helpers import COCO_LABELS as LABELS
 from helpers import HAND_BOXES, YOLOX_PREPROCESS, box, box_iou, post_detect
@@ -342,7 +342,7 @@ def test_a_portrait_and_an_exif_rotated_photo_find_her_in_their_own_pixels(sessi
     assert box_iou(plain[0]["box"], [rotated[0]["box"][k] for k in ("x1", "y1", "x2", "y2")]) > 0.95
 
 
-# --- the model build (gateway/export/yolox.py) ---
+# --- the model build (gateway/ops/export/yolox.py) ---
 
 def test_free_batch_rewrites_exactly_the_three_head_reshapes():
     import onnx

@@ -11,9 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gateway.export import build as export_build
-from gateway.export import mobilenet_v2
-from gateway.export.build import build_models, export_onnx, export_torchscript, verify_exports
+from gateway.ops.export import build as export_build
+from gateway.ops.export import mobilenet_v2
+from gateway.ops.export.build import build_models, export_onnx, export_torchscript, verify_exports
 from gateway.postprocess import softmax
 from gateway.preprocess import PreprocessSpec, preprocess_bytes
 
@@ -210,7 +210,7 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
 def test_rebuild_is_a_noop_and_manifest_names_weights(capsys, monkeypatch):
     from gateway.cli import main
 
-    # double: TorchServe's archives belong to (and are tested with) gateway.servers.torchserve
+    # double: TorchServe's archives belong to (and are tested with) gateway.ops.servers.torchserve
     monkeypatch.setattr(export_build, "_torchserve_archives", lambda *a: [])
     before = {p: p.stat().st_mtime_ns for p in (ROOT / "onnx").glob("*.onnx")}
     assert main(["models", "build", "--config", str(ROOT / "gateway.yaml")]) == 0

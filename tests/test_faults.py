@@ -169,7 +169,7 @@ def test_the_same_fault_gives_the_same_answer_on_every_engine(engine, fault, fau
 
 def test_batch_records_a_persistent_502_as_the_images_error_line(doubles, make_api, serve_api, chelsea_jpeg,
                                                                 tmp_path, monkeypatch):
-    from gateway import batch
+    from gateway.tools.batch import http_engine as batch
 
     monkeypatch.setattr(batch, "RETRY_DELAY_S", 0.01)
     config = load_yaml_config()

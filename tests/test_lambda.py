@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.serverless import lambda_handler, package
+from gateway.ops import lambda_package as package
+from gateway.serverless import lambda_handler
 
 from helpers import CAT as CAT_CLASSES
 from lambda_events import KINDS, Request, response_body, response_headers
@@ -301,7 +302,7 @@ def test_zip_holds_the_routed_models_and_no_heavy_engine(bundle):
     assert (ROOT / "onnx" / "efficientnet_lite0.onnx").stat().st_size == \
         next(i.file_size for i in infos if i.filename == "onnx/efficientnet_lite0.onnx")
     assert not tops & {"torch", "tensorflow", "keras", "tritonclient", "tensorboard", "bin"}
-    assert not any(n.startswith(("gateway/export/", "gateway/servers/")) for n in names)
+    assert not any(n.startswith(("gateway/ops/export/", "gateway/ops/servers/")) for n in names)
     assert {"onnxruntime", "numpy", "PIL", "flask", "yaml", "apig_wsgi"} <= tops
     # every file readable by Lambda's user; pycs compiled ahead (/var/task is read-only)
     assert all((i.external_attr >> 16) & 0o444 == 0o444 for i in infos)

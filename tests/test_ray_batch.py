@@ -18,13 +18,14 @@ import sys
 import pytest
 from PIL import Image
 
-from gateway.batch import run_batch
-from gateway.ray_batch import find_inputs, plan_actors, run_ray_batch
-from gateway.results import ObjectStoreResults, open_results
-from gateway.storage import s3_filesystem, write_bytes
+from gateway.tools.batch.http_engine import run_batch
+from gateway.tools.batch.inputs import find_inputs
+from gateway.tools.batch.ray_engine import plan_actors, run_ray_batch
+from gateway.tools.batch.results import ObjectStoreResults, open_results
+from gateway.tools.batch.storage import s3_filesystem, write_bytes
 
 from conftest import ROOT, free_port
-from helpers import CAT, COFFEE
+from helpers import CAT, COFFEE, box_iou
 
 # For this module only, set before Ray is imported: a one-machine Ray on 127.0.0.1 (not the
 # machine's address), no usage reporting, and emulator credentials (Ray's worker processes
@@ -173,6 +174,39 @@ def test_ray_lines_equal_gateway_batch_lines_corrupt_files_included(ray_address,
     assert "empty" in messages["empty.jpg"] and "truncated" in messages["truncated.jpg"]
 
 
+def test_ray_detector_lines_equal_gateway_batch_lines(ray_address, gateway_url, scene_photos, tmp_path):
+    """`gateway batch --ray --model yolox_nano` writes the lines `gateway batch --model yolox_nano`
+    writes: the same boxes in each photo's own pixels (a large JPEG decoded in draft mode too)."""
+    folder = tmp_path / "scenes"
+    folder.mkdir()
+    for name, data in scene_photos.items():
+        (folder / f"{name}.jpg").write_bytes(data)
+    astronaut = Image.open(io.BytesIO(scene_photos["astronaut"]))
+    (folder / "astronaut_large.jpg").write_bytes(encode(astronaut.resize((astronaut.width * 4, astronaut.height * 4))))
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff corrupt")
+    theirs, mine = tmp_path / "gateway.jsonl", tmp_path / "ray.jsonl"
+    run_batch(folder, theirs, url=gateway_url, model="yolox_nano", progress=False, log=quiet)
+    stats = run_ray_batch(str(folder), str(mine), config_path=CONFIG, model="yolox_nano", batch_size=2,
+                          progress=False, log=quiet)
+    assert "aborted" not in stats and stats["errors"] == 1
+    gateway_rows, ray_rows = rows_of(theirs.read_text()), rows_of(mine.read_text())
+    names = sorted(p.name for p in folder.iterdir())
+    assert [r["file"] for r in ray_rows] == [r["file"] for r in gateway_rows] == names
+    for ours, theirs_row in zip(ray_rows, gateway_rows):
+        if "error" in theirs_row:
+            assert ours == theirs_row
+            continue
+        assert (ours["model"], ours["backend"]) == (theirs_row["model"], theirs_row["backend"])
+        a, b = ours["detections"], theirs_row["detections"]
+        assert [d["label"] for d in a] == [d["label"] for d in b] and a, ours["file"]
+        for x, y in zip(a, b):  # the detection tests' tolerance: float noise of another batch size only
+            assert box_iou(x["box"], tuple(y["box"][k] for k in ("x1", "y1", "x2", "y2"))) >= 0.99
+            assert abs(x["score"] - y["score"]) <= 1e-4
+    large = next(r for r in ray_rows if r["file"] == "astronaut_large.jpg")
+    person = next(d for d in large["detections"] if d["label"] == "person")
+    assert person["box"]["y2"] > 4 * 400  # in the large photo's own pixels, not the draft copy's
+
+
 def test_cli_reads_a_bucket_and_writes_its_results_to_the_bucket(ray_address, s3_endpoint, bucket, images):
     """`gateway batch s3://photos/in --out s3://photos/results/run.jsonl --ray ADDRESS`, joining
     this module's Ray; the endpoint comes from AWS_ENDPOINT_URL as a user would set it."""
@@ -194,23 +228,25 @@ def test_s3_run_resumes_after_a_crash_with_each_image_once(ray_address, s3_endpo
                           progress=False, log=quiet)
     assert first["written"] == 5
     # A second run dies after checkpointing a part: its lines are in OUT.parts/, not in OUT.
-    crashed = open_results(out, s3_endpoint)
+    crashed = open_results(out, s3_endpoint, keep_errors=True)
     assert isinstance(crashed, ObjectStoreResults) and len(crashed.done()) == 5
     names = sorted(images)
     late = [n for n in names if n not in crashed.done()][:3]
     crashed.add([{"file": n, "error": {"status": None, "code": "marker", "message": "from the crashed run"}}
                  for n in late])
     crashed.checkpoint()
-    assert len(open_results(out, s3_endpoint).done()) == 8
+    assert len(open_results(out, s3_endpoint, keep_errors=True).done()) == 8
+    assert len(open_results(out, s3_endpoint).done()) == 5  # by default error lines are not done
+    # the marker lines stand for done work: --keep-errors counts error lines as done
     again = run_ray_batch("s3://photos/in", out, config_path=CONFIG, s3_endpoint=s3_endpoint, progress=False,
-                          log=quiet)
+                          keep_errors=True, log=quiet)
     assert again["skipped"] == 8 and again["written"] == len(images) - 8
     rows = rows_of(bucket.open_input_stream("photos/results/resume.jsonl").read().decode())
     assert [r["file"] for r in rows] == names  # every image exactly once, sorted
     assert [r["file"] for r in rows if r.get("error", {}).get("code") == "marker"] == late  # parts kept, not redone
     assert bucket.get_file_info("photos/results/resume.jsonl.parts").type.name == "NotFound"
     done = run_ray_batch("s3://photos/in", out, config_path=CONFIG, s3_endpoint=s3_endpoint, progress=False,
-                         log=quiet)
+                         keep_errors=True, log=quiet)
     assert done["written"] == 0 and done["skipped"] == len(images)
 
 
@@ -222,7 +258,8 @@ def test_local_resume_sorts_lines_that_arrived_out_of_order(ray_address, folder,
     kept = [names[7], names[2], names[11]]
     out.write_text("".join(json.dumps({"file": n, "error": {"status": None, "code": "marker", "message": ""}})
                            + "\n" for n in kept) + '{"file": "' + names[0] + '", "predic')
-    stats = run_ray_batch(str(folder), str(out), config_path=CONFIG, batch_size=2, progress=False, log=quiet)
+    stats = run_ray_batch(str(folder), str(out), config_path=CONFIG, batch_size=2, progress=False,
+                          keep_errors=True, log=quiet)
     assert stats["skipped"] == 3 and stats["written"] == len(images) - 3
     rows = rows_of(out.read_text())
     assert [r["file"] for r in rows] == names

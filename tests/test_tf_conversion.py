@@ -22,7 +22,7 @@ import requests
 import torch
 
 from gateway.cli import main as gateway_cli
-from gateway.export import tf_convert
+from gateway.ops.export import tf_convert
 from gateway.postprocess import softmax
 
 from conftest import ROOT, load_yaml_config
@@ -99,7 +99,7 @@ def test_a_fresh_conversion_writes_the_same_savedmodel(tmp_path, photos_nchw):
     import tensorflow as tf
 
     fresh = tmp_path / "efficientnet_lite0"
-    proc = subprocess.run([sys.executable, "-m", "gateway.export.onnx2tf_worker",
+    proc = subprocess.run([sys.executable, "-m", "gateway.ops.export.onnx2tf_worker",
                            str(ROOT / "onnx/efficientnet_lite0.onnx"), str(fresh),
                            "--input-name", "images", "--output-name", "logits"],
                           capture_output=True, text=True, timeout=600)
@@ -130,7 +130,7 @@ def test_parity_measures_a_mismatch_between_models(photos_nchw):
 def test_parity_gate_fails_the_build_naming_the_model_and_removes_what_it_wrote(tmp_path, monkeypatch, capsys):
     """A gate stricter than any float32 conversion meets (1e-9): the real, measured ~1e-5
     difference must fail the build, name the model, and leave no SavedModel behind."""
-    from gateway.export import build as export_build
+    from gateway.ops.export import build as export_build
 
     root = tmp_path / "repo"
     for rel in ("onnx/efficientnet_lite0.onnx", "model_repository/efficientnet_lite0/1/model.pt"):

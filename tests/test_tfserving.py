@@ -133,7 +133,7 @@ def test_tfserving_real_image_through_docker(batch):
     except Exception as exc:
         pytest.skip(f"no Docker engine reachable ({type(exc).__name__}: {str(exc)[:120]}): "
                     f"the real TF Serving image cannot run here; the adapter is tested against the double")
-    from gateway.servers import docker as docker_launcher
+    from gateway.ops.servers import docker as docker_launcher
 
     port = free_port()
     config = load_config(ROOT / "gateway.yaml").with_backend("tfserving", url=f"http://127.0.0.1:{port}")
@@ -261,7 +261,7 @@ def test_tfserving_adapter_maps_garbage_and_timeouts():
 def test_tfserving_docker_launcher_waits_for_readiness_through_the_adapter(tfserving_double):
     """`gateway backends up --docker tfserving` returns once the adapter finds the models ready
     (checked here against the double, since no Docker engine runs here)."""
-    from gateway.servers import docker as docker_launcher
+    from gateway.ops.servers import docker as docker_launcher
 
     url, _ = tfserving_double
     config = load_config(ROOT / "gateway.yaml")

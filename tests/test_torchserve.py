@@ -16,8 +16,8 @@ import yaml
 from gateway.backends.torchserve import TorchServeBackend
 from gateway.config import load_config
 from gateway.errors import BackendRejected, BackendUnavailable
+from gateway.ops.servers import torchserve as launcher
 from gateway.postprocess import softmax
-from gateway.servers import torchserve as launcher
 from gateway.service import Gateway
 
 from conftest import ROOT, free_port, load_yaml_config

@@ -15,11 +15,11 @@ import pytest
 import requests
 
 from gateway.backends.triton import TritonBackend
+from gateway.breaker import RouteHealth
 from gateway.config import parse_config
 from gateway.errors import BackendRejected, BackendUnavailable
+from gateway.ops.servers import triton as launcher
 from gateway.postprocess import softmax
-from gateway.routing import RouteHealth
-from gateway.servers import triton as launcher
 from gateway.service import Gateway
 
 from conftest import ROOT, free_port, free_port_block, load_yaml_config

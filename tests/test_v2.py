@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from gateway.postprocess import softmax
-from gateway.servers.local_gateway import free_port
+from gateway.tools.local_gateway import free_port
 
 from conftest import load_yaml_config
 from helpers import CAT, COFFEE, SAME_ENGINE_ATOL, SAME_WEIGHTS_ATOL, preprocessed
@@ -191,7 +191,7 @@ def test_v2_encoded_images_are_preprocessed_by_the_gateway(v2_gateway, photos, a
         result = infer(cl, protocol, batch, route, model=MODEL + "_image", input_name="image", datatype="BYTES")
         got = probabilities(result)
         assert got[0].argmax() in CAT and got[1].argmax() in COFFEE
-        answer = api.gateway.classify(MODEL, photos, top_k=5, route="embedded")  # the JSON API's answer
+        answer = api.gateway.infer(MODEL, photos, options={"top_k": 5}, route="embedded")  # the JSON API's answer
         for row, predictions in zip(got, answer.results):
             np.testing.assert_allclose([row[p["index"]] for p in predictions], [p["score"] for p in predictions],
                                        atol=SAME_WEIGHTS_ATOL)
@@ -540,5 +540,78 @@ def test_v2_grpc_streams_are_capped_and_errors_carry_the_request_id(v2_api):
         assert stub.ServerLive(service_pb2.ServerLiveRequest()).live  # a unary call still has its thread
         release.append(True)
         assert list(stream) == []
+    finally:
+        server.stop(0)
+
+
+# -- what real clients add to the protocol: accepted, checked; typos still refused ----------------
+def test_v2_rest_body_model_name_is_accepted_when_it_names_the_urls_model(v2_api):
+    """KServe's SDK (InferRequest.to_rest) puts model_name in every body."""
+    url = f"/v2/models/{MODEL}/infer"
+    for named, path in ((MODEL, url), (MODEL, f"/v2/models/{MODEL}/versions/embedded/infer"),
+                        (f"{MODEL}/versions/embedded", f"/v2/models/{MODEL}/versions/embedded/infer")):
+        ok = v2_api.post(path, data=body([fp32(SMALL)], model_name=named))
+        assert ok.status_code == 200 and ok.json()["model_name"] == MODEL, (named, path, ok.text)
+    for named, path, words in (("mobilenet_v2", url, "model_name 'mobilenet_v2' disagrees with the URL's model "
+                                                     f"'{MODEL}'"),
+                               (f"{MODEL}/versions/triton", f"/v2/models/{MODEL}/versions/embedded/infer",
+                                "(version 'embedded')"),
+                               (7, url, "model_name 7 disagrees")):
+        resp = v2_api.post(path, data=body([fp32(SMALL)], model_name=named))
+        assert resp.status_code == 400 and words in resp.json()["error"], resp.text
+    typo = v2_api.post(url, data=body([fp32(SMALL)], model_nmae=MODEL))
+    assert typo.status_code == 400 and "unknown key 'model_nmae'" in typo.json()["error"] and \
+        "model_name" in typo.json()["error"]  # the accepted keys are listed
+
+
+def test_v2_rest_unknown_model_or_version_is_a_404_whatever_the_body(v2_api):
+    for path in ("/v2/models/nope/infer", f"/v2/models/{MODEL}/versions/nope/infer"):
+        resp = v2_api.post(path, data=b"{not json", headers={"Inference-Header-Content-Length": "3"})
+        assert resp.status_code == 404 and "nope" in resp.json()["error"], resp.text
+
+
+def grpc_request(model=MODEL, raw: bytes | None = None, **parameters):
+    """A ModelInferRequest as KServe's SDK builds one: raw contents with input parameters."""
+    from tritonclient.grpc import service_pb2
+
+    request = service_pb2.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="input", datatype="FP32", shape=SMALL)
+    for key, value in parameters.items():
+        if isinstance(value, str):
+            tensor.parameters[key].string_param = value
+        else:
+            tensor.parameters[key].int64_param = value
+    if raw is not None:
+        request.raw_input_contents.append(raw)
+    else:
+        tensor.contents.fp32_contents.extend([0.0] * int(np.prod(SMALL)))
+    return request
+
+
+def test_v2_grpc_binary_data_size_is_accepted_and_checked(v2_api):
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    from gateway.v2 import grpc_server
+
+    port = free_port()
+    server = grpc_server.start(v2_api.app.extensions["v2"], f"127.0.0.1:{port}")
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        raw = np.zeros(SMALL, np.float32).tobytes()
+        answer = stub.ModelInfer(grpc_request(raw=raw, binary_data_size=len(raw)))
+        assert answer.model_version == "embedded" and list(answer.outputs[0].shape) == [1, 1000]
+        for request, code, words in (
+                (grpc_request(raw=raw, binary_data_size=len(raw) - 4), "INVALID_ARGUMENT",
+                 f"binary_data_size {len(raw) - 4} but its raw_input_contents holds {len(raw)} bytes"),
+                (grpc_request(binary_data_size=len(raw)), "INVALID_ARGUMENT", "has no raw_input_contents"),
+                (grpc_request(raw=raw, binary_data_size="602112"), "INVALID_ARGUMENT", "must be a byte count"),
+                (grpc_request(raw=raw, binary_data_sise=len(raw)), "INVALID_ARGUMENT",
+                 "unknown parameter 'binary_data_sise' (accepted: binary_data_size)"),
+                # the model is looked up first: an unknown one says so, whatever else is wrong
+                (grpc_request(model="nope", raw=raw, binary_data_sise=1), "NOT_FOUND", "unknown model 'nope'")):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request)
+            assert caught.value.code().name == code and words in caught.value.details(), caught.value
     finally:
         server.stop(0)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gateway.client import DEFAULT_URL, ClientError, GatewayClient
+from gateway.tools.client import DEFAULT_URL, ClientError, GatewayClient
 
 
 def main() -> int:

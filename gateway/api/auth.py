@@ -1,7 +1,8 @@
 """Optional API-key auth (off unless ``server.api_keys`` lists keys).
 
 Keys come in ``X-API-Key: KEY`` or ``Authorization: Bearer KEY`` and are compared in
-constant time. Liveness/readiness stay open so orchestrators can probe without a key.
+constant time. Liveness/readiness stay open so orchestrators can probe without a key, and so do
+the browser pages (``/ui``, ``/docs`` and their assets), whose API calls carry the key.
 """
 from __future__ import annotations
 
@@ -13,6 +14,14 @@ from flask import Flask, current_app, request
 from gateway.errors import Unauthorized
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+OPEN_FLAG = "open_without_key"
+
+
+def open_without_key(view):
+    """Mark a view that answers without a key: the browser pages and their static assets
+    (gateway/api/ui.py), which hold no data; the API calls they make carry the key."""
+    setattr(view, OPEN_FLAG, True)
+    return view
 
 
 def presented_key(header: Callable[[str], str | None]) -> str | None:
@@ -44,5 +53,6 @@ def require_key(presented: str | None, keys: tuple[str, ...]) -> None:
 def install(app: Flask) -> None:
     @app.before_request
     def require_api_key():
-        if request.path not in OPEN_PATHS:
+        view = current_app.view_functions.get(request.endpoint or "")
+        if request.path not in OPEN_PATHS and not getattr(view, OPEN_FLAG, False):
             require_key(presented_key(request.headers.get), current_app.extensions["gateway"].config.server.api_keys)

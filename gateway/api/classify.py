@@ -1,28 +1,25 @@
-"""POST|PUT /v1/classify, /v1/models/<model>/classify and /v1/models/<model>/detect."""
+"""POST|PUT /v1/classify and /v1/models/<model>/<verb>: a model's task on photos (classify, detect)."""
 from __future__ import annotations
 
-from flask import Blueprint, current_app, jsonify, request
+from flask import Blueprint, abort, current_app, jsonify, request
 
-from gateway.api.inputs import ROUTING_PARAMS, read_images, read_query, read_top_k
-from gateway.detection import QUERY_FIELDS
+from gateway.api.inputs import ROUTING_PARAMS, read_images, read_query
+from gateway.tasks import TASKS
 
 bp = Blueprint("classify", __name__)
 METHODS = ["POST", "PUT"]  # PUT: `curl -T photo.jpg URL` uploads with PUT
+VERBS = {task.verb: task for task in TASKS.values()}
 
 
-@bp.route("/v1/classify", methods=METHODS)
-@bp.route("/v1/models/<model>/classify", methods=METHODS)
-def classify(model: str | None = None):
-    query = read_query(request, ("top_k", *ROUTING_PARAMS))
-    result = current_app.extensions["gateway"].classify(
-        model, read_images(request), top_k=read_top_k(query), route=query.get("route"), backend=query.get("backend"))
-    return jsonify(result.to_dict())
-
-
-@bp.route("/v1/models/<model>/detect", methods=METHODS)
-def detect(model: str):
-    query = read_query(request, (*QUERY_FIELDS, *ROUTING_PARAMS))
-    params = {k: v for k, v in query.items() if k in QUERY_FIELDS}
-    result = current_app.extensions["gateway"].detect(
-        model, read_images(request), params, route=query.get("route"), backend=query.get("backend"))
-    return jsonify(result.to_dict())
+@bp.route("/v1/classify", methods=METHODS, defaults={"model": None, "verb": "classify"})
+@bp.route("/v1/models/<model>/<verb>", methods=METHODS)
+def infer(model: str | None, verb: str):
+    task = VERBS.get(verb)
+    if task is None:
+        abort(404)
+    query = read_query(request, (*task.query, *ROUTING_PARAMS))
+    options = {k: v for k, v in query.items() if k in task.query}
+    answer = current_app.extensions["gateway"].infer(
+        model, read_images(request), task=task.name, options=options, route=query.get("route"),
+        backend=query.get("backend"))
+    return jsonify(answer.to_dict())

@@ -98,15 +98,3 @@ def read_query(request: Request, accepted: tuple[str, ...]) -> dict[str, str]:
         if name in args and not args[name]:
             raise BadRequest(f"{name} must not be empty", code="invalid_parameter")
     return {name: args[name] for name in accepted if name in args}
-
-
-def read_top_k(query: dict[str, str]) -> int | None:
-    if "top_k" not in query:
-        return None
-    try:
-        top_k = int(query["top_k"])
-    except ValueError:
-        raise BadRequest(f"top_k must be an integer, got {query['top_k']!r}", code="invalid_parameter") from None
-    if top_k < 1:
-        raise BadRequest(f"top_k must be at least 1, got {top_k}", code="invalid_parameter")
-    return top_k

@@ -24,10 +24,8 @@ def _route_info(gateway, route, with_metadata: bool) -> dict:
 
 def describe(gateway, model, with_metadata: bool = False) -> dict:
     routes = [_route_info(gateway, r, with_metadata) for r in model.routes]
-    task = {"task": model.task, **({"postprocess": model.detection.to_dict()} if model.detection else
-                                   {"output": model.output})}
     return {
-        "name": model.name, **task, "weights": model.weights, "labels": len(model.labels),
+        "name": model.name, **model.task.describe(model.output), "weights": model.weights, "labels": len(model.labels),
         "labels_source": model.labels_source,
         "preprocess": model.preprocess.to_dict(), "preprocess_source": model.preprocess_source,
         "default": model.name == gateway.config.server.default_model,

@@ -12,7 +12,8 @@ bp = Blueprint("openapi", __name__)
 ERROR = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
-        "code": {"type": "string"}, "message": {"type": "string"}, "backend": {"type": "string"}}}},
+        "code": {"type": "string"}, "message": {"type": "string"}, "backend": {"type": "string"},
+        "routes_tried": {"type": "array", "items": {"type": "string"}}}}},
 }
 PREDICTION = {"type": "object", "required": ["label", "index", "score"], "properties": {
     "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
@@ -89,7 +90,7 @@ def _routing_params(models) -> list[dict]:
 def _operation(config, task: str, with_model: bool) -> dict:
     """classify (task classification) or detect (task detection) on one model or the default one."""
     if with_model:
-        models = [m for m in config.models.values() if m.task == task]
+        models = [m for m in config.models.values() if m.task.name == task]
     else:
         models = [config.models[config.server.default_model]]
     if task == "classification":
@@ -193,9 +194,9 @@ def _post_and_put(operation: dict, name: str) -> dict:
 
 
 def build_spec(config) -> dict:
-    tasks = {m.task for m in config.models.values()}
+    tasks = {m.task.name for m in config.models.values()}
     images: dict = {}
-    if config.models[config.server.default_model].task == "classification":
+    if config.models[config.server.default_model].task.name == "classification":
         images["/v1/classify"] = _post_and_put(_operation(config, "classification", False), "classify")
     if "classification" in tasks:
         images["/v1/models/{model}/classify"] = _post_and_put(_operation(config, "classification", True),
@@ -218,7 +219,7 @@ def build_spec(config) -> dict:
             **_error_responses(401)}}},
     }
     paths = {**_default_error(paths, "Error"), **_v2_paths(config)}
-    return {
+    spec = {
         "openapi": "3.0.3",
         "info": {"title": "Image model gateway", "version": "1.0.0",
                  "description": "One API in front of embedded ONNX Runtime, Triton, TorchServe and TF Serving: "
@@ -229,6 +230,23 @@ def build_spec(config) -> dict:
                                    "Box": BOX, "Detection": DETECTION, "V2Error": V2_ERROR,
                                    "V2Tensor": V2_TENSOR}},
     }
+    if config.server.api_keys:
+        _declare_keys(spec)
+    return spec
+
+
+def _declare_keys(spec: dict) -> None:
+    """When the gateway requires a key: how to send it (/docs's "Authorize", then "Try it out"),
+    on every operation but the probes that stay open (gateway/api/auth.py)."""
+    from gateway.api.auth import OPEN_PATHS
+
+    spec["components"]["securitySchemes"] = {
+        "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+        "Bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer KEY"}}
+    spec["security"] = [{"ApiKey": []}, {"Bearer": []}]
+    for path in OPEN_PATHS & set(spec["paths"]):
+        for operation in spec["paths"][path].values():
+            operation["security"] = []
 
 
 @bp.get("/openapi.json")

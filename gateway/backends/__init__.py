@@ -1,4 +1,1 @@
-"""One module per serving engine; ``gateway.config.BACKEND_KINDS`` maps kinds to classes."""
-from gateway.backends.base import Backend
-
-__all__ = ["Backend"]
+"""One module per serving engine; ``gateway.backends.registry`` maps gateway.yaml's kinds to them."""

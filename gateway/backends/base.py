@@ -18,7 +18,7 @@ from gateway.errors import BackendBadResponse
 from gateway.settings import HttpUrl, NonNegInt, PosFloat, PosInt, Settings
 
 if TYPE_CHECKING:
-    from gateway.config import Route
+    from gateway.routing import Route
 
 
 class BackendSettings(Settings):

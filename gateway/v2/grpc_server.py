@@ -6,6 +6,10 @@ port. Same models, versions and meaning as REST (gateway.v2.protocol); tensors t
 ``gateway serve`` starts one such server in every worker process after the fork, sharing the
 worker's gateway; the port is bound with SO_REUSEPORT (gRPC's default on Linux) so the kernel
 spreads connections over the workers, and the master checks first that no one else holds it.
+
+An input may carry ``binary_data_size`` (KServe's SDK sends it with every raw input): it must
+be the length of that input's ``raw_input_contents``. The model and version are looked up
+before anything in the request is checked, so an unknown model says so.
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_conte
             "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
             "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
             "FP64": "fp64_contents"}  # typed contents per datatype (BYTES: bytes_contents; FP16: raw only)
+# An input's parameters a client may send: KServe's SDK sends binary_data_size with raw contents
+INPUT_PARAMETERS = frozenset({"binary_data_size"})
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})  # probes need no key, as /v2/health/* over REST
 
 
@@ -94,6 +100,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             self.streams.release()
 
     def _infer(self, request) -> service_pb2.ModelInferResponse:
+        self.catalog.resolve(request.model_name, request.model_version)  # unknown model or version first
         answer = self.catalog.infer(InferRequest(
             request.model_name, request.model_version, _inputs(request),
             [_requested(o, i) for i, o in enumerate(request.outputs)] or None, request.id or None,
@@ -115,12 +122,30 @@ def _inputs(request) -> list[InputTensor]:
     tensors = []
     for i, item in enumerate(request.inputs):
         where = f"inputs[{i}]"
-        if item.parameters:
-            raise BadRequest(f"{where}: unknown parameter {sorted(item.parameters)[0]!r}", code="unexpected_field")
+        _check_input_parameters(item, raw[i] if raw else None, where)
         shape = check_shape([int(d) for d in item.shape], where)
         tensors.append(InputTensor(item.name, item.datatype, shape, _decoder(item, shape, raw[i] if raw else None,
                                                                              where)))
     return tensors
+
+
+def _check_input_parameters(item, raw: bytes | None, where: str) -> None:
+    """An input's parameters: only ``binary_data_size``, the length of its raw contents."""
+    for name in sorted(item.parameters):
+        if name not in INPUT_PARAMETERS:
+            raise BadRequest(f"{where}: unknown parameter {name!r} (accepted: {', '.join(sorted(INPUT_PARAMETERS))})",
+                             code="unexpected_field")
+    if "binary_data_size" in item.parameters:
+        size = _value(item.parameters["binary_data_size"])
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise BadRequest(f"{where}: binary_data_size must be a byte count (int64_param), got {size!r}",
+                             code="invalid_data")
+        if raw is None:
+            raise BadRequest(f"{where}: binary_data_size {size} but the request has no raw_input_contents",
+                             code="invalid_data")
+        if size != len(raw):
+            raise BadRequest(f"{where}: binary_data_size {size} but its raw_input_contents holds {len(raw)} bytes",
+                             code="invalid_data")
 
 
 def _decoder(item, shape: list[int], raw: bytes | None, where: str):

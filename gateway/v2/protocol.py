@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gateway.config import GatewayConfig, ModelConfig
-from gateway.errors import BackendBadResponse, BadRequest, NotFound
+from gateway.errors import BadRequest, NotFound
 from gateway.postprocess import top_k
 from gateway.service import Gateway
 from gateway.v2.tensors import datatype_of
@@ -111,15 +111,11 @@ class V2Model:
 
     @property
     def output_name(self) -> str:
-        return "output" if self.model.task == "detection" else self.model.output
+        return "output" if self.model.task.name == "detection" else self.model.output
 
     @property
     def output_dims(self) -> list[int]:
-        if self.model.detection is None:
-            return [len(self.model.labels)]
-        height, width = self.model.preprocess.size
-        anchors = sum((height // s) * (width // s) for s in self.model.detection.strides)
-        return [anchors, 5 + len(self.model.labels)]  # YOLOX: box, objectness, class scores
+        return list(self.model.task.output_dims(len(self.model.labels), self.model.preprocess))
 
     def check_input(self, tensor: InputTensor) -> list[int]:
         """The input's shape ([B, 1] for photos sent as [B]) once its name, datatype, shape
@@ -136,19 +132,7 @@ class V2Model:
         if len(shape) != len(expected) or any(e != -1 and e != d for e, d in zip(expected, shape)):
             raise BadRequest(f"input {tensor.name!r} of model {self.name!r} has shape {expected}, got {tensor.shape}",
                              code="invalid_shape")
-        if shape[0] > self.max_batch_size:
-            raise BadRequest(f"a batch of {shape[0]}; model {self.name!r} takes at most {self.max_batch_size}",
-                             code="too_many_images")
-        if shape[0] == 0:
-            raise BadRequest(f"input {tensor.name!r} holds no image (batch of 0)", code="no_image")
         return shape
-
-    def check_scores(self, scores: np.ndarray, backend: str) -> np.ndarray:
-        """The route's answer has the declared output's shape (else a 502 naming the backend)."""
-        if list(scores.shape[1:]) != self.output_dims:
-            raise BackendBadResponse(backend, f"model {self.name!r} answered shape {list(scores.shape)}, "
-                                              f"declared [-1, {', '.join(map(str, self.output_dims))}]")
-        return scores
 
     def version(self, version: str | None) -> str | None:
         """The route a version names (None: every route, with failover); 404 for another."""
@@ -172,13 +156,13 @@ class V2Model:
         layout = "FORMAT_NONE" if self.takes_images else f"FORMAT_{self.model.preprocess.layout}"
         datatype = "TYPE_STRING" if self.takes_images else f"TYPE_{self.input_datatype}"
         output: dict[str, Any] = {"name": self.output_name, "data_type": "TYPE_FP32", "dims": self.output_dims}
-        if self.model.task == "classification":
+        if self.model.task.name == "classification":
             output["label_filename"] = "labels.txt"
         return {
             "name": self.name, "platform": PLATFORM, "max_batch_size": self.max_batch_size,
             "input": [{"name": self.input_name, "data_type": datatype, "format": layout, "dims": self.input_dims}],
             "output": [output],
-            "parameters": {"task": {"string_value": self.model.task},
+            "parameters": {"task": {"string_value": self.model.task.name},
                            "preprocess_source": {"string_value": self.model.preprocess_source}},
         }
 
@@ -188,7 +172,7 @@ def model_views(config: GatewayConfig) -> Iterator[tuple[str, ModelConfig, bool]
     own name, and each classifier as ``M_image`` unless a gateway model has that name."""
     yield from ((m.name, m, False) for m in config.models.values())
     for model in config.models.values():
-        if model.task == "classification" and model.name + IMAGE_SUFFIX not in config.models:
+        if model.task.name == "classification" and model.name + IMAGE_SUFFIX not in config.models:
             yield model.name + IMAGE_SUFFIX, model, True
 
 
@@ -234,13 +218,11 @@ class Catalog:
                              f"got {len(request.inputs)}", code="invalid_input")
         wanted = self._outputs(v2, request.outputs)
         shape = v2.check_input(request.inputs[0])
+        self.gateway.check_count(shape[0])
         data = request.inputs[0].decode()  # only now: the header fits the model
-        if v2.takes_images:
-            answer = self.gateway.infer_images(v2.model.name, data, route=route, protocol=protocol)
-        else:
-            answer = self.gateway.infer_tensor(v2.model.name, np.asarray(data).reshape(shape), route=route,
-                                               protocol=protocol)
-        scores = v2.check_scores(np.asarray(answer.results, dtype=np.float32), answer.route.backend)
+        inputs = data if v2.takes_images else np.asarray(data).reshape(shape)
+        answer = self.gateway.scores(v2.model.name, inputs, route=route, protocol=protocol)
+        scores = np.asarray(answer.scores, dtype=np.float32)
         outputs = [(self._output(v2, scores, asked), asked) for asked in wanted]
         return InferResponse(v2.name, answer.route.name, outputs, request.id,
                              {"backend": answer.route.backend})
@@ -253,8 +235,8 @@ class Catalog:
             if asked.name != v2.output_name:
                 raise BadRequest(f"model {v2.name!r} has no output {asked.name!r}; its output is "
                                  f"{v2.output_name!r}", code="invalid_output")
-            if asked.classification and v2.model.task != "classification":
-                raise BadRequest(f"output {asked.name!r} of {v2.model.task} model {v2.name!r} has no "
+            if asked.classification and v2.model.task.name != "classification":
+                raise BadRequest(f"output {asked.name!r} of {v2.model.task.name} model {v2.name!r} has no "
                                  "classification", code="invalid_output")
         return outputs
 

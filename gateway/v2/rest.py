@@ -4,6 +4,10 @@ JSON tensors and Triton's binary tensor data extension (``Inference-Header-Conte
 the JSON header's length, then each binary tensor's bytes in order; ``binary_data_size`` per
 tensor; outputs in binary on request), the classification extension and the model
 configuration extension. Errors answer V2's ``{"error": "..."}`` (gateway.app.error_response).
+
+Keys beyond the protocol's that real clients send are accepted: KServe's SDK puts ``model_name``
+in every request body (``InferRequest.to_rest``); it must name the URL's model (or
+``model/versions/version``), else a 400 names both. Anything else unknown is refused by name.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from gateway.v2.tensors import DTYPES, check_shape, element_count, from_buffer, 
 
 bp = Blueprint("v2", __name__)
 HEADER_LENGTH = "Inference-Header-Content-Length"
-REQUEST_KEYS = {"id", "parameters", "inputs", "outputs"}
+REQUEST_KEYS = {"id", "model_name", "parameters", "inputs", "outputs"}  # model_name: KServe SDK's to_rest()
 INPUT_KEYS = {"name", "shape", "datatype", "parameters", "data"}
 OUTPUT_KEYS = {"name", "parameters"}
 OUTPUT_PARAMETERS = {"binary_data", "classification"}
@@ -68,6 +72,7 @@ def model_config(model: str, version: str | None = None):
 @bp.post(MODEL + "/infer")
 @bp.post(VERSION + "/infer")
 def infer(model: str, version: str | None = None):
+    catalog().resolve(model, version)  # an unknown model or version says so before the body is read
     parsed, binary_default = read_request(model, version or "", _body(), request.headers.get(HEADER_LENGTH))
     return write_response(catalog().infer(parsed, protocol="v2-rest"), binary_default)
 
@@ -128,6 +133,7 @@ def read_request(model: str, version: str, body: bytes, header_length: str | Non
     except orjson.JSONDecodeError as exc:
         raise BadRequest(f"the request's JSON is not valid: {exc}", code="invalid_json") from None
     payload = _mapping(payload, "the request", REQUEST_KEYS)
+    _check_model_name(payload.get("model_name", model), model, version)
     parameters = dict(_mapping(payload.get("parameters", {}), "parameters"))
     binary_default = bool(_flag(parameters, "binary_data_output", "parameters"))
     parameters.pop("binary_data_output", None)  # the REST encoding's; the rest go to the protocol
@@ -149,6 +155,16 @@ def read_request(model: str, version: str, body: bytes, header_length: str | Non
         raise BadRequest("'id' must be a string", code="invalid_json")
     asked = [_output(o, f"outputs[{i}]") for i, o in enumerate(outputs or [])] or None
     return InferRequest(model, version, tensors, asked, request_id, parameters), binary_default
+
+
+def _check_model_name(named, model: str, version: str) -> None:
+    """The body's ``model_name`` (KServe's SDK always sends one) names the URL's model, or the
+    URL's ``model/versions/version``: a request naming two models is refused, not guessed at."""
+    if named == model or (version and named == f"{model}/versions/{version}"):
+        return
+    url = f"{model!r}" + (f" (version {version!r})" if version else "")
+    raise BadRequest(f"the body's model_name {named!r} disagrees with the URL's model {url}; "
+                     "leave it out or name the same model", code="model_mismatch")
 
 
 def _input(item, where: str, blobs: bytes, offset: int) -> tuple[InputTensor, int]:
