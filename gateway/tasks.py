@@ -64,6 +64,15 @@ class Task:
     result_key: ClassVar[str]  # "predictions": what each image's results are called in a v1 answer
     query: ClassVar[tuple[str, ...]]  # the request options a v1 query string may carry
     has_settings: ClassVar[bool] = False  # takes gateway.yaml's ``postprocess`` mapping
+    # the v1 API's OpenAPI: what the endpoint does, one result's schema and its component name
+    summary: ClassVar[str]
+    result_schema: ClassVar[dict[str, Any]]
+    result_name: ClassVar[str]  # "Prediction": one result; the answer's schema is named after the task
+
+    @classmethod
+    def query_schemas(cls, default_top_k: int) -> dict[str, dict[str, Any]]:
+        """The OpenAPI schema of each ``query`` option."""
+        return {}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Task:
@@ -116,6 +125,16 @@ class Classification(Task):
     verb: ClassVar[str] = "classify"
     result_key: ClassVar[str] = "predictions"
     query: ClassVar[tuple[str, ...]] = ("top_k",)
+    summary: ClassVar[str] = "Classify one or more images (top-k per image, in request order)"
+    result_name: ClassVar[str] = "Prediction"
+    result_schema: ClassVar[dict[str, Any]] = {
+        "type": "object", "required": ["label", "index", "score"], "properties": {
+            "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+            "score": {"type": "number", "minimum": 0, "maximum": 1}}}
+
+    @classmethod
+    def query_schemas(cls, default_top_k: int) -> dict[str, dict[str, Any]]:
+        return {"top_k": {"type": "integer", "minimum": 1, "maximum": 1000, "default": default_top_k}}
 
     def output_dims(self, labels: int, spec: PreprocessSpec) -> tuple[int, ...]:
         return (labels,)
@@ -150,6 +169,21 @@ class Detection(Task):
     result_key: ClassVar[str] = "detections"
     query: ClassVar[tuple[str, ...]] = detection.QUERY_FIELDS
     has_settings: ClassVar[bool] = True
+    summary: ClassVar[str] = "Detect objects in one or more images (boxes per image, in request order)"
+    result_name: ClassVar[str] = "Box"
+    result_schema: ClassVar[dict[str, Any]] = {
+        "type": "object", "required": ["label", "index", "score", "box"], "properties": {
+            "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "box": {"type": "object", "required": ["x1", "y1", "x2", "y2"],
+                    "description": "in the photo's own pixels after EXIF orientation, clipped to it",
+                    "properties": {k: {"type": "number", "minimum": 0} for k in ("x1", "y1", "x2", "y2")}}}}
+
+    @classmethod
+    def query_schemas(cls, default_top_k: int) -> dict[str, dict[str, Any]]:
+        unit = {"type": "number", "minimum": 0, "maximum": 1}
+        return {"score_threshold": unit, "iou_threshold": unit,
+                "max_detections": {"type": "integer", "minimum": 1, "maximum": detection.MAX_DETECTIONS_LIMIT}}
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> Detection:

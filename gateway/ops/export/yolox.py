@@ -4,19 +4,19 @@ The vendored ONNX (see its README) has a fixed batch of 1: its input and output 
 ``[1, ...]`` and the three Reshapes that flatten the head's grids have the constant shape
 ``[1, 85, -1]``, so a batch of 4 comes out as one image of 4 x 3549 anchor points. The
 derived file declares ``batch`` symbolically and reshapes to ``[0, 85, -1]`` (0: keep the
-input's batch size), nothing else; ``build`` verifies that it equals the original image by
-image before writing it where the embedded backend and Triton read it.
+input's batch size), nothing else; ``derive`` verifies that it equals the original image by
+image; the build table (gateway/ops/export/table.py) says where it goes.
 """
 from __future__ import annotations
 
-import os
+import tempfile
 from pathlib import Path
 
-from gateway.ops.export.tf_convert import sha256
+from gateway.ops.export.artifacts import sha256
 
 SOURCE = Path("models/yolox_nano/yolox_nano.onnx")
 SHA256 = "695e750a5d5754bb5a8d5325643b59282191a7e7a564e435a415fd3c578eab14"
-TARGETS = (Path("onnx/yolox_nano.onnx"), Path("model_repository/yolox_nano/1/model.onnx"))
+PROVENANCE = "models/yolox_nano (Megvii YOLOX-Nano, Apache-2.0; see its README)"
 INPUT_SHAPE = (3, 416, 416)
 # The derived graph must reproduce the original per image. Outputs are grid offsets and
 # log-sizes (|x| < ~20) and sigmoid scores in 0..1; a batch of 4 may pick other conv kernels
@@ -25,12 +25,9 @@ INPUT_SHAPE = (3, 416, 416)
 TOLERANCE = 1e-3
 
 
-
-
 def free_batch(model):
     """The ONNX model with its batch axis made symbolic (a modified copy)."""
     import numpy as np
-
     import onnx
     from onnx import numpy_helper
 
@@ -79,29 +76,17 @@ def verify_free_batch(original: Path, derived: Path, log=print) -> float:
     return diff
 
 
-def build(root: Path, force: bool = False, log=print) -> dict:
-    """Write the free-batch model where each backend reads it; returns its manifest entry."""
+def derive(root: Path, log=print) -> bytes:
+    """The free-batch model's bytes, from the vendored file (its sha256 checked), verified."""
     import onnx
 
-    source, targets = root / SOURCE, [root / t for t in TARGETS]
-    entry = {"weights": "coco", "source": "models/yolox_nano (Megvii YOLOX-Nano, Apache-2.0; see its README)",
-             "sha256": SHA256, "files": [str(t) for t in TARGETS]}
-    if not force and all(t.is_file() for t in targets):
-        log(f"keep  {', '.join(map(str, TARGETS))} (exists)")
-        return entry
-    log(f"build {', '.join(map(str, TARGETS))}")
+    source = root / SOURCE
     got = sha256(source)
     if got != SHA256:
         raise RuntimeError(f"{SOURCE}: sha256 {got}, expected {SHA256} (see models/yolox_nano/README.md)")
     derived = free_batch(onnx.load(str(source))).SerializeToString()
-    for i, target in enumerate(targets):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
-        try:
-            tmp.write_bytes(derived)
-            if i == 0:  # the same bytes go everywhere: one check
-                verify_free_batch(source, tmp, log)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-    return entry
+    with tempfile.TemporaryDirectory(prefix="yolox-") as tmp:
+        staged = Path(tmp) / "yolox_nano.onnx"
+        staged.write_bytes(derived)
+        verify_free_batch(source, staged, log)
+    return derived

@@ -19,17 +19,15 @@ from urllib.parse import urlparse
 
 import requests
 
+from gateway.ops.export.table import torchserve_archives
 from gateway.ops.servers import process
 
 NAME = "torchserve"
-# archive name (the route's backend_model) -> the TorchScript file it packs
-ARCHIVES = {
-    "mobilenet": "model_repository/torchmobilenet/1/model.pt",
-    "efficientnet_lite0": "model_repository/efficientnet_lite0/1/model.pt",
-}
-# archive name -> ONNX file run by onnxruntime in the worker (torchserve/onnx_handler.py): the
-# detectors, which the gateway preprocesses and decodes itself (no preprocessing ships with them)
-ONNX_ARCHIVES = {"yolox_nano": "onnx/yolox_nano.onnx"}
+# From the build table (gateway/ops/export/table.py): archive name (the route's backend_model) ->
+# the TorchScript file it packs; and archive name -> ONNX file run by onnxruntime in the worker
+# (torchserve/onnx_handler.py): the detectors and the int8 models, which the gateway preprocesses
+# (and decodes) itself, so no preprocessing ships with them
+ARCHIVES, ONNX_ARCHIVES = torchserve_archives()
 
 
 def _bin(name: str) -> str:
