@@ -7,9 +7,10 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from gateway import metrics
-from gateway.api import auth, classify, health, models, openapi, ui
+from gateway.api import access, auth, classify, health, models, openapi, ui
+from gateway.api.uploads import UploadGuard
 from gateway.config import GatewayConfig
-from gateway.errors import GatewayError, PayloadTooLarge
+from gateway.errors import GatewayError, PayloadTooLarge, TooManyRequests
 from gateway.service import Gateway
 from gateway.v2 import rest as v2_rest
 from gateway.v2.protocol import Catalog
@@ -35,6 +36,9 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
         app.register_blueprint(bp)
     auth.install(app)
     register_error_handlers(app)
+    server = config.server
+    app.wsgi_app = UploadGuard(app.wsgi_app, server.max_body_bytes,  # type: ignore[method-assign]
+                               server.min_upload_bytes_per_s, server.upload_grace_s)
 
     @app.after_request
     def count(response: Response) -> Response:
@@ -42,6 +46,8 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
         metrics.HTTP_RESPONSES.labels(request.method, endpoint, str(response.status_code)).inc()
         return response
 
+    # last: the outermost WSGI layer, so every answer (a middleware's too) has its id and log line
+    access.install(app, config.server.access_log)
     return app
 
 
@@ -51,8 +57,13 @@ def error_response(exc: GatewayError, headers=None):
     metrics.ERRORS.labels(str(exc.status), exc.code).inc()
     if exc.status >= 500:
         log.warning("%s %s", exc.status, exc.message)
-    body = {"error": exc.message} if request.path == "/v2" or request.path.startswith("/v2/") else exc.to_dict()
-    return jsonify(body), exc.status, headers or {}
+    access.note_error(exc)
+    v2 = request.path == "/v2" or request.path.startswith("/v2/")
+    body = {"error": exc.message} if v2 else exc.to_dict(request_id=access.request_id())
+    headers = dict(headers or {})
+    if isinstance(exc, TooManyRequests):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return jsonify(body), exc.status, headers
 
 
 def drain_body(environ: dict, bound: int, chunk: int = 1 << 16) -> bool:

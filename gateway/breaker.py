@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 import time
 
+from gateway import metrics
+
 
 class RouteHealth:
     def __init__(self, base_backoff_s: float = 1.0, max_backoff_s: float = 30.0, clock=time.monotonic):
@@ -51,12 +53,14 @@ class RouteHealth:
             n = self._failures.get(key, 0) + 1
             self._failures[key] = n
             self._open_until[key] = self.clock() + min(self.max, self.base * 2 ** (n - 1))
+        metrics.BREAKER_OPEN.labels(route.model, route.name, route.backend).set(1)
 
     def succeeded(self, route) -> None:
         key = self._key(route)
         with self._lock:
             self._failures.pop(key, None)
             self._open_until.pop(key, None)
+        metrics.BREAKER_OPEN.labels(route.model, route.name, route.backend).set(0)
 
     def state(self, route) -> dict:
         key = self._key(route)

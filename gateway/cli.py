@@ -26,7 +26,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def patch_for_serve(argv: list[str]) -> None:
+    """`gateway serve` on the gevent front: gevent patches the standard library here, before any
+    command module imports socket or ssl (patching later leaves modules such as urllib3's ssl
+    helpers holding unpatched functions). Other commands are never patched."""
+    if argv[:1] != ["serve"]:
+        return
+    front = argparse.ArgumentParser(add_help=False)
+    front.add_argument("--front", default="gevent")
+    if front.parse_known_args(argv[1:])[0].front == "gevent":
+        from gevent import monkey
+
+        monkey.patch_all()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    patch_for_serve(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -52,7 +52,16 @@ class ServerSettings(Settings):
     request_timeout_s: Annotated[float, Field(strict=True, gt=0)] = 60.0
     api_keys: tuple[Name, ...] = ()
     grpc_port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 0  # the V2 gRPC front (0: off)
+    access_log: Literal["json", "text", "off"] = "json"  # a line per HTTP answer on stderr (gateway.api.access)
     artifacts: ConfigPath = Path("artifacts.json")  # written by `gateway models build`
+    # Admission control, per worker process (gateway/admission.py); 0: derived from the machine.
+    max_in_flight: NonNegInt = 0  # requests admitted at once over every model (0: 512)
+    max_queued: NonNegInt = 0  # requests waiting for a slot before 429s (0: 64)
+    cpu_threads: NonNegInt = 0  # CPU work (decode, preprocess, embedded inference) at once (0: 2 x cores/workers)
+    cpu_queue: NonNegInt = 0  # CPU work waiting before 429s (0: 16 x cpu_threads)
+    cpu_max_wait_ms: NonNegInt = 50  # 429 when the CPU work ahead would take longer than this (0: no bound)
+    min_upload_bytes_per_s: NonNegInt = 1024  # a body slower than this for upload_grace_s is cut (408); 0: never
+    upload_grace_s: Annotated[float, Field(strict=True, gt=0)] = 10.0
 
 
 class PreprocessSettings(Settings):
@@ -97,6 +106,8 @@ class ModelSettings(Settings):
     preprocess: PreprocessSettings = PreprocessSettings()
     output: Output = "logits"  # classification: what the model's scores are, whatever the route
     postprocess: dict[str, Any] | None = None  # the task's settings (detection: DetectionSpec's fields)
+    max_in_flight: PosInt | None = None  # this model's requests admitted at once (default: the server's bound)
+    max_queued: NonNegInt | None = None  # this model's requests waiting for a slot (default: the server's bound)
     routes: Annotated[list[RouteSettings], Field(min_length=1)]
 
 
@@ -118,6 +129,8 @@ class ModelConfig:
     output: str
     routes: tuple[Route, ...]
     task: Task  # what the model does with its raw output (gateway.tasks)
+    max_in_flight: int | None = None  # admission control (None: the server's bounds)
+    max_queued: int | None = None
 
 
 @dataclass(frozen=True)
@@ -244,7 +257,7 @@ def _model(name: str, m: ModelSettings, settings: ConfigSettings, root: Path) ->
     return ModelConfig(name=name, labels=labels, labels_source=m.labels,
                        weights=_weights(m.weights, name, settings.server.artifacts),
                        preprocess=spec, preprocess_source=m.preprocess.source, output=m.output, routes=tuple(routes),
-                       task=_task(m, routes, where))
+                       task=_task(m, routes, where), max_in_flight=m.max_in_flight, max_queued=m.max_queued)
 
 
 def _task(m: ModelSettings, routes: list[Route], where: str) -> Task:

@@ -1,7 +1,7 @@
 """Errors the gateway answers with: each carries its HTTP status and a stable code.
 
 ``to_dict()`` is the one error body every answer uses: ``{"error": {"code", "message"}}``,
-plus ``"backend"`` for backend faults.
+plus ``"backend"`` for backend faults and ``"request_id"`` (the answer's X-Request-Id) when given.
 """
 from __future__ import annotations
 
@@ -18,8 +18,15 @@ class GatewayError(Exception):
         if status:
             self.status = status
 
-    def to_dict(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+    def to_dict(self, request_id: str | None = None) -> dict:
+        error = {"code": self.code, "message": self.message, **self.details()}
+        if request_id is not None:
+            error["request_id"] = request_id
+        return {"error": error}
+
+    def details(self) -> dict:
+        """What a kind of error adds to its body."""
+        return {}
 
 
 class BadRequest(GatewayError):
@@ -43,7 +50,17 @@ class UnsupportedMediaType(GatewayError):
 
 
 class TooManyRequests(GatewayError):
+    """Over a bound (in flight, queued): come back later. ``retry_after_s`` is the Retry-After header."""
+
     status, code = 429, "too_many_requests"
+    retry_after_s = 1
+
+
+class DeadlineExceeded(GatewayError):
+    """The request's own deadline (the client's timeout, or request_timeout_s) passed before an
+    engine was called; the message names the stage."""
+
+    status, code = 504, "deadline_exceeded"
 
 
 class BackendError(GatewayError):
@@ -56,12 +73,10 @@ class BackendError(GatewayError):
         self.backend = backend
         self.routes_tried: tuple[str, ...] = ()  # set when every route of a model failed
 
-    def to_dict(self) -> dict:
-        body = super().to_dict()
-        body["error"]["backend"] = self.backend
+    def details(self) -> dict:
         if self.routes_tried:
-            body["error"]["routes_tried"] = list(self.routes_tried)
-        return body
+            return {"backend": self.backend, "routes_tried": list(self.routes_tried)}
+        return {"backend": self.backend}
 
 
 class BackendUnavailable(BackendError):

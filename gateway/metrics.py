@@ -8,8 +8,18 @@ of them, by the app (gateway.app).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -21,15 +31,55 @@ GRPC_RESPONSES = Counter("gateway_grpc_responses_total", "Every gRPC answer (the
 ERRORS = Counter("gateway_errors_total", "Error responses by status and error code", ["status", "code"])
 LATENCY = Histogram("gateway_request_latency_seconds", "Model request latency (whole request)",
                     ["model", "backend"], buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("gateway_in_flight", "Requests admitted and not yet answered", ["model"],
+                  multiprocess_mode="livesum")
+QUEUED = Gauge("gateway_queued", "Requests waiting for admission (a model's slot, or the CPU)", ["model"],
+               multiprocess_mode="livesum")
+REJECTED = Counter("gateway_rejected_total", "Requests refused by admission control (429) or dropped at their "
+                   "deadline while waiting (504)", ["model", "reason"])
+QUEUE_WAIT = Histogram("gateway_queue_wait_seconds", "Time a request waited for admission", ["model"],
+                       buckets=LATENCY_BUCKETS)
 INFERENCE = Histogram("gateway_inference_latency_seconds", "Backend inference latency",
                       ["model", "backend"], buckets=LATENCY_BUCKETS)
+# Set by gateway.breaker; the most open over the live workers (each has its own breakers)
+BREAKER_OPEN = Gauge("gateway_breaker_open", "1 while a route's circuit breaker is open or half-open (from a failure "
+                     "until the route answers again), 0 once it answered", ["model", "route", "backend"],
+                     multiprocess_mode="livemax")
 
 
 def render() -> tuple[bytes, str]:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(registry) + _readiness(), CONTENT_TYPE_LATEST
     from prometheus_client import REGISTRY
 
-    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY) + _readiness(), CONTENT_TYPE_LATEST
+
+
+def _readiness() -> bytes:
+    """``gateway_route_ready{model,route,backend}``: 1 when the route's engine says it can serve
+    now, asked when /metrics is scraped (the gateway's readiness check, cached 1 s; every route at
+    once, so engines that do not answer cost one timeout, not one each). Empty outside a request."""
+    from flask import current_app, has_app_context
+
+    gateway = current_app.extensions.get("gateway") if has_app_context() else None
+    if gateway is None:
+        return b""
+    routes = [r for m in gateway.config.models.values() for r in m.routes]
+    family = GaugeMetricFamily("gateway_route_ready", "1 when the route's engine can serve it now (asked at scrape "
+                               "time), else 0", labels=["model", "route", "backend"])
+    with ThreadPoolExecutor(max(1, min(16, len(routes))), thread_name_prefix="ready") as pool:
+        for route, ready in zip(routes, pool.map(gateway.route_ready, routes)):
+            family.add_metric([route.model, route.name, route.backend], 1.0 if ready else 0.0)
+    registry = CollectorRegistry()
+    registry.register(_Families([family]))
+    return generate_latest(registry)
+
+
+class _Families:
+    def __init__(self, families: list):
+        self.families = families
+
+    def collect(self):
+        return self.families

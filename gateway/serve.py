@@ -1,4 +1,12 @@
-"""`gateway serve`: the Flask app under gunicorn (threaded workers), never Flask's dev server."""
+"""`gateway serve`: the Flask app under gunicorn, never Flask's dev server.
+
+The default front is gunicorn's gevent worker: every connection is a greenlet, so a request
+waiting on an engine or a client uploading slowly costs a socket and a little memory, not a
+thread; CPU work (decoding, preprocessing, embedded inference) runs on a pool of native threads
+per worker (gateway.admission.Cpu), so it neither blocks the event loop nor waits for the GIL
+more than it must. ``--front threads`` keeps gunicorn's gthread worker (a thread per request in
+flight), for comparison. README "Serving front" has the measurements that chose it.
+"""
 from __future__ import annotations
 
 import os
@@ -8,6 +16,8 @@ from pathlib import Path
 
 from gateway.config import ConfigError, load_config
 
+FRONTS = ("gevent", "threads")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP gateway (gunicorn)")
@@ -15,7 +25,14 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
-    p.add_argument("--threads", type=int, default=4, help="threads per worker (default: 4)")
+    p.add_argument("--front", choices=FRONTS, default="gevent",
+                   help="gevent (default): a greenlet per connection, CPU work on native threads; "
+                        "threads: gunicorn's gthread, a thread per request in flight")
+    p.add_argument("--threads", type=int, default=None,
+                   help="gevent: CPU threads per worker (default: server.cpu_threads); threads: threads per "
+                        "worker (default: 4)")
+    p.add_argument("--worker-connections", type=int, default=1000, dest="worker_connections",
+                   help="connections each worker holds at once (default: 1000)")
     p.add_argument("--grpc-port", type=int, default=None,
                    help="port of the Open Inference Protocol gRPC front, on --host (default: the config's "
                         "server.grpc_port; 0: off)")
@@ -29,8 +46,9 @@ def serve(args) -> int:
     except ConfigError as exc:
         print(f"gateway: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    if args.workers < 1 or args.threads < 1:
-        print("gateway: --workers and --threads must be at least 1", file=sys.stderr)
+    threads = args.threads or (4 if args.front == "threads" else None)
+    if args.workers < 1 or (threads is not None and threads < 1) or args.worker_connections < 1:
+        print("gateway: --workers, --threads and --worker-connections must be at least 1", file=sys.stderr)
         return 2
     grpc_port = config.server.grpc_port if args.grpc_port is None else args.grpc_port
     grpc_address = f"[{args.host}]:{grpc_port}" if ":" in args.host else f"{args.host}:{grpc_port}"  # [::]:8001
@@ -52,8 +70,9 @@ def serve(args) -> int:
             options = {
                 "bind": f"{args.host}:{args.port}",
                 "workers": args.workers,
-                "threads": args.threads,
-                "worker_class": "gthread",
+                "threads": threads or 1,
+                "worker_class": "gevent" if args.front == "gevent" else "gthread",
+                "worker_connections": args.worker_connections,
                 "timeout": int(config.server.request_timeout_s) + 30,
                 "graceful_timeout": 10,
                 "keepalive": 5,
@@ -77,17 +96,36 @@ def serve(args) -> int:
             from gateway.app import create_app
 
             app = create_app(load_config(config_path))
+            gateway = app.extensions["gateway"]
+            if args.front == "gevent":
+                _offload_cpu(gateway, threads)
             if grpc_port:
                 from gateway.v2 import grpc_server
 
-                app.extensions["grpc_server"] = grpc_server.start(app.extensions["v2"], grpc_address, args.threads)
+                app.extensions["grpc_server"] = grpc_server.start(app.extensions["v2"], grpc_address,
+                                                                  threads or gateway.cpu.limiter.limit)
             return app
 
     grpc_note = f", V2 gRPC on {grpc_address}" if grpc_port else ""
-    print(f"gateway: serving {config_path.name} on http://{args.host}:{args.port}{grpc_note} "
-          f"({args.workers} workers x {args.threads} threads)", file=sys.stderr)
+    front = (f"gevent front: {args.workers} workers x {args.worker_connections} connections" if args.front == "gevent"
+             else f"threads front: {args.workers} workers x {threads} threads")
+    print(f"gateway: serving {config_path.name} on http://{args.host}:{args.port}{grpc_note} ({front})",
+          file=sys.stderr)
     GatewayServer().run()
     return 0
+
+
+def _offload_cpu(gateway, threads: int | None) -> None:
+    """Under gevent (patched by the worker before the app loads): CPU work on a pool of native
+    threads, and gRPC's client and server made cooperative."""
+    import gevent.threadpool
+    from grpc.experimental import gevent as grpc_gevent
+
+    grpc_gevent.init_gevent()
+    if threads:
+        gateway.cpu.limiter.limit = threads
+    pool = gevent.threadpool.ThreadPool(gateway.cpu.limiter.limit)
+    gateway.cpu.offload = lambda fn, args: pool.apply(fn, args)
 
 
 def _port_free(host: str, port: int) -> bool:

@@ -16,8 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway import metrics, postprocess, routing, tasks
+from gateway import admission, deadlines, metrics, postprocess, routing, tasks
 from gateway.backends.base import Backend
+from gateway.backends.embedded import default_threads
 from gateway.backends.registry import backend_class
 from gateway.breaker import RouteHealth
 from gateway.config import GatewayConfig, ModelConfig
@@ -26,6 +27,7 @@ from gateway.errors import (
     BackendTimeout,
     BackendUnavailable,
     BadRequest,
+    DeadlineExceeded,
     GatewayError,
     NotFound,
     all_routes_failed,
@@ -82,6 +84,13 @@ def conform(batch: np.ndarray, layout: str, spec: PreprocessSpec) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.dtype(spec.dtype))
 
 
+def _infer_and_finish(engine: Backend, route: Route, batch: np.ndarray,
+                      finish: Callable[[Route, np.ndarray], Any]) -> tuple[float, Any]:
+    """An in-process engine's inference and the results, as one CPU step: (when inference ended, results)."""
+    raw = engine.infer(route, batch)
+    return time.perf_counter(), finish(route, raw)
+
+
 class Gateway:
     def __init__(self, config: GatewayConfig, backends: dict[str, Backend] | None = None,
                  health: RouteHealth | None = None):
@@ -91,6 +100,15 @@ class Gateway:
             name: backend_class(settings.kind)(name, settings) for name, settings in config.backends.items()}
         self.health = health or RouteHealth()
         self._ready_cache: dict[tuple, tuple[float, bool]] = {}
+        server = config.server
+        in_flight, queued = server.max_in_flight or 512, server.max_queued or 64
+        self.limiter = admission.Limiter("the server", in_flight, queued)
+        self.limiters = {name: admission.Limiter(f"model {name!r}", m.max_in_flight or in_flight,
+                                                 queued if m.max_queued is None else m.max_queued)
+                         for name, m in config.models.items()}
+        threads = server.cpu_threads or 2 * default_threads()
+        self.cpu = admission.Cpu(threads, server.cpu_queue or 16 * threads,  # `gateway serve` sets its offload
+                                 server.cpu_max_wait_ms / 1e3)
 
     def load(self) -> None:
         """Open every backend; a backend that is down only makes its routes unready. Routes of
@@ -157,49 +175,61 @@ class Gateway:
 
     def infer(self, model_name: str | None, images: list[bytes], task: str | None = None,
               options: Mapping[str, Any] | None = None, route: str | None = None, backend: str | None = None,
-              protocol: str = "rest") -> Answer:
+              protocol: str = "rest", timeout_s: float | None = None) -> Answer:
         """Encoded photos -> each photo's results for the model's task. ``task`` (the task the
         client asked for by its endpoint) must be the model's; ``options`` are the task's
-        request options (top_k; a detector's thresholds), query strings accepted."""
+        request options (top_k; a detector's thresholds), query strings accepted; ``timeout_s``
+        the client's deadline (capped by the server's request_timeout_s)."""
         model = self.model(model_name)
         if task is not None and model.task.name != task:
             raise BadRequest(f"model {model.name!r} does {model.task.name}, not {task}: use "
                              f"/v1/models/{model.name}/{model.task.verb}", code="wrong_task")
-        with self.observed(model, count=len(images), protocol=protocol) as outcome:
+        with self.admitted(model, len(images), protocol, timeout_s) as (outcome, deadline):
             try:
                 chosen = model.task.options(options or {}, self.config.server.default_top_k, len(model.labels))
             except (ValueError, TypeError) as exc:
                 raise BadRequest(str(exc), code="invalid_parameter") from None
             started = time.perf_counter()
-            decoded = self.decode(images, model)
+            decoded = self.cpu(model.name, deadline, self.decode, images, model)
             sizes = tasks.sizes(decoded)
-            answer = self.run(model, route, backend, started=started,
+            answer = self.run(model, route, backend, started=started, deadline=deadline,
                               prepare=lambda r: tasks.prepare(decoded, r.preprocess),
                               finish=lambda r, raw: model.task.answer(raw, r, model.labels, sizes, chosen))
             outcome["backend"] = answer.route.backend
             return answer
 
     def scores(self, model_name: str | None, inputs: list[bytes] | np.ndarray, layout: str | None = None,
-               route: str | None = None, backend: str | None = None, protocol: str = "rest") -> Scores:
+               route: str | None = None, backend: str | None = None, protocol: str = "rest",
+               timeout_s: float | None = None) -> Scores:
         """The model's raw (N, ...) scores in the meaning the model declares (``model.output``),
         for encoded photos (a list of bytes, preprocessed as each route needs) or for a batch
         already preprocessed as the model declares it (an array; ``layout`` may say NCHW/NHWC
         instead). Each route gets the layout and dtype its engine takes."""
         model = self.model(model_name)
-        with self.observed(model, count=len(inputs), protocol=protocol) as outcome:
+        with self.admitted(model, len(inputs), protocol, timeout_s) as (outcome, deadline):
             started = time.perf_counter()
             if isinstance(inputs, np.ndarray):
                 self.check_count(len(inputs))
                 batch, given = inputs, layout or model.preprocess.layout
                 prepare: Callable[[Route], np.ndarray] = lambda r: conform(batch, given, r.preprocess)
             else:
-                decoded = self.decode(inputs, model)
+                decoded = self.cpu(model.name, deadline, self.decode, inputs, model)
                 prepare = lambda r: tasks.prepare(decoded, r.preprocess)
-            answer = self.run(model, route, backend, started=started, prepare=prepare,
+            answer = self.run(model, route, backend, started=started, deadline=deadline, prepare=prepare,
                               finish=lambda r, raw: postprocess.to_meaning(model.task.shaped(raw, r, len(model.labels)),
                                                                            r.output, model.output))
             outcome["backend"] = answer.route.backend
             return Scores(model, answer.route, answer.results, answer.timings_ms)
+
+    @contextmanager
+    def admitted(self, model: ModelConfig, count: int, protocol: str,
+                 timeout_s: float | None) -> Iterator[tuple[dict, float]]:
+        """Count the request (``observed``), set its deadline, and hold a slot of the model's and
+        the server's admission limiters for its whole life (429 or 504 when there is none)."""
+        deadline = deadlines.deadline(timeout_s, self.config.server.request_timeout_s)
+        with self.observed(model, count=count, protocol=protocol) as outcome, deadlines.within(deadline), \
+                admission.admitted([self.limiters[model.name], self.limiter], model.name, deadline):
+            yield outcome, deadline
 
     @contextmanager
     def observed(self, model: ModelConfig, count: int, protocol: str = "rest") -> Iterator[dict]:
@@ -221,34 +251,45 @@ class Gateway:
         metrics.LATENCY.labels(model.name, backend).observe(time.perf_counter() - started)
 
     def run(self, model: ModelConfig, route: str | None, backend: str | None, prepare: Callable[[Route], np.ndarray],
-            finish: Callable[[Route, np.ndarray], Any], started: float | None = None) -> Answer:
+            finish: Callable[[Route, np.ndarray], Any], started: float | None = None,
+            deadline: float | None = None) -> Answer:
         """Try the model's routes in order, breaker-aware (or only the one ``route``/``backend``
         force): ``prepare`` builds the route's input batch (shared by routes with the same
         preprocessing), the backend infers, ``finish`` turns its raw output into results.
         Unavailable and timed-out routes fail over to the next; a rejected input or a bad
         answer does not. ``started`` is when the request's own work (decoding) began: it counts
-        as preprocessing."""
+        as preprocessing. CPU steps run through ``self.cpu``; an in-process engine's inference
+        and the results are one CPU step. Past ``deadline`` (time.monotonic) no route is tried:
+        before the first, a 504 naming the stage; after a failed one, failover stops."""
         routes = self.routes(model, route, backend)
         forced = route is not None or backend is not None
         begun = time.perf_counter()
         started = begun if started is None else started
-        deadline = started + self.config.server.request_timeout_s
+        if deadline is None:
+            deadline = time.monotonic() + self.config.server.request_timeout_s
         batches: dict = {}
         failures: list[BackendError] = []
         tried: list[str] = []  # route names, in the order tried
         for chosen in routes if forced else self.health.order(routes):
             t0 = time.perf_counter()
-            if t0 > deadline:  # failover must not outlive the request's time budget
-                failures.append(BackendTimeout(chosen.backend, "not tried: the request timeout "
-                                               f"({self.config.server.request_timeout_s:g} s) ran out"))
-                tried.append(chosen.name)
-                break
+            if time.monotonic() >= deadline:  # failover must not outlive the request's time budget
+                if not failures:
+                    metrics.REJECTED.labels(model.name, "deadline before the engine").inc()
+                    raise DeadlineExceeded(f"the request's deadline passed before route {chosen.name!r} "
+                                           f"({chosen.backend}) was called", code="deadline_exceeded")
+                break  # the failures so far answer: the routes behind them had no time left
             batch = batches.get(chosen.preprocess)
             if batch is None:
-                batch = batches[chosen.preprocess] = prepare(chosen)
+                batch = batches[chosen.preprocess] = self.cpu(model.name, deadline, prepare, chosen)
+            engine = self.backends[chosen.backend]
             t1 = time.perf_counter()
             try:
-                raw = self.backends[chosen.backend].infer(chosen, batch)
+                if self.config.backends[chosen.backend].kind == "embedded":
+                    t2, results = self.cpu(model.name, deadline, _infer_and_finish, engine, chosen, batch, finish)
+                else:
+                    raw = engine.infer(chosen, batch)
+                    t2 = time.perf_counter()
+                    results = self.cpu(model.name, deadline, finish, chosen, raw)
             except (BackendUnavailable, BackendTimeout) as exc:
                 self.health.failed(chosen)
                 failures.append(exc)
@@ -256,8 +297,6 @@ class Gateway:
                 log.warning("route %s/%s failed: %s", model.name, chosen.name, exc.message)
                 continue
             self.health.succeeded(chosen)
-            t2 = time.perf_counter()
-            results = finish(chosen, raw)
             t3 = time.perf_counter()
             metrics.INFERENCE.labels(model.name, chosen.backend).observe(t2 - t1)
             timings = {"preprocess": (begun - started) + (t1 - t0), "inference": t2 - t1,

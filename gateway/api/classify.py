@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, current_app, jsonify, request
 
+from gateway import deadlines
 from gateway.api.inputs import ROUTING_PARAMS, read_images, read_query
 from gateway.tasks import TASKS
 
@@ -21,5 +22,5 @@ def infer(model: str | None, verb: str):
     options = {k: v for k, v in query.items() if k in task.query}
     answer = current_app.extensions["gateway"].infer(
         model, read_images(request), task=task.name, options=options, route=query.get("route"),
-        backend=query.get("backend"))
+        backend=query.get("backend"), timeout_s=deadlines.parse_seconds(request.headers.get(deadlines.HEADER)))
     return jsonify(answer.to_dict())

@@ -1,6 +1,10 @@
 """GET /v1/models and /v1/models/<model>: what is served, how, and whether it is ready."""
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 from flask import Blueprint, current_app, jsonify
 
 bp = Blueprint("models", __name__)
@@ -13,6 +17,7 @@ def _route_info(gateway, route, with_metadata: bool) -> dict:
         "backend_model": route.backend_model, "version": route.version,
         "preprocess": route.preprocess.to_dict(), "output": route.output,
         "ready": gateway.route_ready(route), **gateway.health.state(route),
+        **built_figures(gateway.config.server.artifacts, route.model, route.backend_model),
     }
     if with_metadata and info["ready"]:
         try:
@@ -44,3 +49,21 @@ def list_models():
 def get_model(model: str):
     gateway = current_app.extensions["gateway"]
     return jsonify(describe(gateway, gateway.model(model), with_metadata=True))
+
+
+def built_figures(artifacts: Path, model: str, backend_model: str) -> dict:
+    """The route's precision, and its model file's accuracy and speed as the last `gateway models
+    build` measured them (artifacts.json: the int8 gate's figures, FP32 and int8 side by side)."""
+    try:
+        stat = Path(artifacts).stat()
+        int8 = _manifest(str(artifacts), stat.st_mtime_ns)["models"][model].get("int8") or {}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        int8 = {}
+    precision = "int8" if backend_model == int8.get("backend_model") else "fp32"
+    figures = (int8.get("report") or {}).get(precision) or {}
+    return {"precision": precision, "accuracy": figures.get("accuracy"), "speed": figures.get("speed")}
+
+
+@functools.lru_cache(maxsize=4)
+def _manifest(path: str, mtime_ns: int) -> dict:  # read again when a build rewrites it
+    return json.loads(Path(path).read_text())

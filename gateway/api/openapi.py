@@ -13,7 +13,8 @@ ERROR = {
     "type": "object", "required": ["error"],
     "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
         "code": {"type": "string"}, "message": {"type": "string"}, "backend": {"type": "string"},
-        "routes_tried": {"type": "array", "items": {"type": "string"}}}}},
+        "routes_tried": {"type": "array", "items": {"type": "string"}},
+        "request_id": {"type": "string", "description": "the answer's X-Request-Id"}}}},
 }
 TIMINGS = {"type": "object", "properties": {k: {"type": "number"} for k in ("preprocess", "inference", "postprocess",
                                                                           "total")}}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import requests
 from requests.adapters import HTTPAdapter
 
+from gateway import deadlines
 from gateway.errors import BackendBadResponse, BackendError, BackendRejected, BackendTimeout, BackendUnavailable
 
 
@@ -30,6 +31,17 @@ def error_for_status(backend: str, status: int, message: str) -> BackendError:
     return BackendBadResponse(backend, text)
 
 
+def call_timeout(backend: str, configured: tuple[float, float]) -> tuple[float, float]:
+    """(connect, read) timeouts for one engine call: the configured ones, the read timeout cut to
+    what is left before the request's deadline; a 504 when nothing is left."""
+    left = deadlines.remaining()
+    if left is None:
+        return configured
+    if left <= 0:
+        raise BackendTimeout(backend, "not called: the request's deadline passed")
+    return (min(configured[0], left), min(configured[1], left))
+
+
 class BackendSession:
     """One pooled, thread-safe HTTP session per backend."""
 
@@ -46,12 +58,14 @@ class BackendSession:
         self.session.mount("https://", adapter)
 
     def request(self, method: str, url: str, **kw) -> requests.Response:
+        """One call, given at most the time left before the request's deadline (gateway.deadlines)."""
+        timeout = call_timeout(self.backend, self.timeout)
         try:
-            return self.session.request(method, url, timeout=self.timeout, **kw)
+            return self.session.request(method, url, timeout=timeout, **kw)
         except requests.ConnectTimeout:
             raise BackendUnavailable(self.backend, f"cannot connect to {url} (connect timeout)") from None
         except requests.ReadTimeout:
-            raise BackendTimeout(self.backend, f"no answer within {self.timeout[1]:g} s") from None
+            raise BackendTimeout(self.backend, f"no answer within {timeout[1]:g} s") from None
         except requests.ConnectionError as exc:
             raise BackendUnavailable(self.backend, f"cannot connect to {url}: {type(exc).__name__}") from None
         except requests.RequestException as exc:  # a broken answer (chunked encoding, bad headers, ...)

@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 import requests
 
+from gateway import deadlines
 from gateway.backends.base import Backend, RemoteSettings
 from gateway.backends.http import BackendSession, error_for_status
 from gateway.errors import BackendBadResponse, BackendError, BackendRejected, BackendUnavailable
@@ -135,8 +136,10 @@ class TritonBackend(Backend):
             chunk = chunk[0]
         tensor = InferInput(info.input_name, list(chunk.shape), info.datatype)
         tensor.set_data_from_numpy(chunk, binary_data=True)
+        left = deadlines.remaining()  # Triton drops a request it cannot start within its timeout (microseconds)
         body, json_size = InferenceServerClient.generate_request_body(
-            [tensor], outputs=[InferRequestedOutput(info.output_name, binary_data=True)])
+            [tensor], outputs=[InferRequestedOutput(info.output_name, binary_data=True)],
+            timeout=None if left is None else max(1, int(left * 1e6)))
         # identity: requests would ask for gzip by default, and compressing tensors costs both sides
         headers = {"Content-Type": "application/octet-stream", "Accept-Encoding": "identity"}
         if json_size is not None:

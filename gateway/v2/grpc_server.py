@@ -25,6 +25,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from gateway import metrics
+from gateway.api.access import sane_id
 from gateway.api.auth import presented_key, require_key
 from gateway.errors import BadRequest, GatewayError, TooManyRequests
 from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, InputTensor, RequestedOutput
@@ -82,7 +83,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     def ModelInfer(self, request, context):
-        return self._infer(request)
+        return self._infer(request, context.time_remaining())
 
     def ModelStreamInfer(self, request_iterator, context):
         if not self.streams.acquire(blocking=False):  # each open stream holds one of the server's threads
@@ -91,7 +92,7 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         try:
             for request in request_iterator:
                 try:
-                    yield service_pb2.ModelStreamInferResponse(infer_response=self._infer(request))
+                    yield service_pb2.ModelStreamInferResponse(infer_response=self._infer(request, None))
                 except GatewayError as exc:
                     _count("ModelStreamInfer", _status(exc))
                     yield service_pb2.ModelStreamInferResponse(error_message=exc.message, infer_response=(
@@ -99,12 +100,14 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             self.streams.release()
 
-    def _infer(self, request) -> service_pb2.ModelInferResponse:
+    def _infer(self, request, timeout_s: float | None) -> service_pb2.ModelInferResponse:
+        """``timeout_s``: the call's gRPC deadline (None: none; a stream's calls have none each)."""
         self.catalog.resolve(request.model_name, request.model_version)  # unknown model or version first
         answer = self.catalog.infer(InferRequest(
             request.model_name, request.model_version, _inputs(request),
             [_requested(o, i) for i, o in enumerate(request.outputs)] or None, request.id or None,
-            {key: _value(value) for key, value in request.parameters.items()}), protocol="v2-grpc")
+            {key: _value(value) for key, value in request.parameters.items()}), protocol="v2-grpc",
+            timeout_s=None if timeout_s is None else max(timeout_s, 1e-6))
         return _response(answer)
 
 
@@ -192,7 +195,8 @@ def _count(method: str, code: grpc.StatusCode) -> None:
 
 def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -> Callable:
     """Every RPC: the API key checked (but for the probes), GatewayErrors answered with their
-    status code and message, unexpected ones as INTERNAL, every answer counted."""
+    status code and message, unexpected ones as INTERNAL, every answer counted; the client's
+    ``x-request-id`` (or a new one) returned in the trailing metadata, errors included."""
 
     def fail(context, exc: Exception) -> None:
         if isinstance(exc, GatewayError):
@@ -206,6 +210,7 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
     if streaming:
         @functools.wraps(call)
         def stream(request_iterator, context):
+            _request_id(context)
             try:
                 servicer._authorize(context)
                 yield from call(request_iterator, context)
@@ -219,6 +224,7 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
 
     @functools.wraps(call)
     def unary(request, context):
+        _request_id(context)
         try:
             if method not in OPEN_METHODS:
                 servicer._authorize(context)
@@ -228,6 +234,11 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
         _count(method, grpc.StatusCode.OK)
         return answer
     return unary
+
+
+def _request_id(context) -> None:
+    sent = dict(context.invocation_metadata()).get("x-request-id")
+    context.set_trailing_metadata((("x-request-id", sane_id(sent if isinstance(sent, str) else None)),))
 
 
 def start(catalog: Catalog, bind: str, threads: int = 4) -> grpc.Server:

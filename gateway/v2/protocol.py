@@ -36,8 +36,9 @@ SERVER = {"name": "image-model-gateway", "version": "1.0.0",
 PLATFORM = "gateway"
 
 
-# Request parameters Triton's clients send on request (tritonclient's priority=, timeout=): accepted
-# and not acted upon (the gateway has no priority queues; its own request_timeout_s bounds a request)
+# Request parameters Triton's clients send on request (tritonclient's priority=, timeout=): priority
+# is accepted and not acted upon (the gateway has no priority queues); timeout (microseconds, as
+# Triton reads it) is the request's deadline, capped by the server's request_timeout_s
 ACCEPTED_PARAMETERS = frozenset({"priority", "timeout"})
 
 
@@ -204,7 +205,9 @@ class Catalog:
         """Every model can be served by at least one of its routes."""
         return all(any(self.gateway.route_ready(r) for r in m.routes) for m in self.gateway.config.models.values())
 
-    def infer(self, request: InferRequest, protocol: str) -> InferResponse:
+    def infer(self, request: InferRequest, protocol: str, timeout_s: float | None = None) -> InferResponse:
+        """``timeout_s``: the transport's deadline (gRPC's, REST's X-Request-Timeout); the request's
+        ``timeout`` parameter (microseconds) may shorten it."""
         v2, route = self.resolve(request.model, request.version)
         for key, value in request.parameters.items():
             if key not in ACCEPTED_PARAMETERS:
@@ -221,7 +224,10 @@ class Catalog:
         self.gateway.check_count(shape[0])
         data = request.inputs[0].decode()  # only now: the header fits the model
         inputs = data if v2.takes_images else np.asarray(data).reshape(shape)
-        answer = self.gateway.scores(v2.model.name, inputs, route=route, protocol=protocol)
+        if request.parameters.get("timeout"):
+            given = request.parameters["timeout"] / 1e6
+            timeout_s = given if timeout_s is None else min(timeout_s, given)
+        answer = self.gateway.scores(v2.model.name, inputs, route=route, protocol=protocol, timeout_s=timeout_s)
         scores = np.asarray(answer.scores, dtype=np.float32)
         outputs = [(self._output(v2, scores, asked), asked) for asked in wanted]
         return InferResponse(v2.name, answer.route.name, outputs, request.id,

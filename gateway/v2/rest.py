@@ -16,6 +16,7 @@ import zlib
 import orjson
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from gateway import deadlines
 from gateway.errors import BadRequest, PayloadTooLarge
 from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, InputTensor, RequestedOutput
 from gateway.v2.tensors import DTYPES, check_shape, element_count, from_buffer, from_list, join_bytes
@@ -59,8 +60,11 @@ def model_metadata(model: str, version: str | None = None):
 @bp.get(MODEL + "/ready")
 @bp.get(VERSION + "/ready")
 def model_ready(model: str, version: str | None = None):
-    is_ready = catalog().model_ready(model, version)
-    return jsonify({"name": model, "ready": is_ready}), 200 if is_ready else 503
+    if catalog().model_ready(model, version):
+        return jsonify({"name": model, "ready": True})
+    # the status carries the answer (the Open Inference Protocol); the body is the protocol's error
+    which = f"model {model!r}" + (f" version {version!r}" if version else "")
+    return jsonify({"error": f"{which} is not ready: no route of it can serve now"}), 503
 
 
 @bp.get(MODEL + "/config")
@@ -74,7 +78,8 @@ def model_config(model: str, version: str | None = None):
 def infer(model: str, version: str | None = None):
     catalog().resolve(model, version)  # an unknown model or version says so before the body is read
     parsed, binary_default = read_request(model, version or "", _body(), request.headers.get(HEADER_LENGTH))
-    return write_response(catalog().infer(parsed, protocol="v2-rest"), binary_default)
+    timeout_s = deadlines.parse_seconds(request.headers.get(deadlines.HEADER))
+    return write_response(catalog().infer(parsed, protocol="v2-rest", timeout_s=timeout_s), binary_default)
 
 
 def _body() -> bytes:

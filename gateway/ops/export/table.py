@@ -74,8 +74,11 @@ class Entry:
 
     @property
     def int8_files(self) -> list[str]:
-        """onnx/<model>_int8.onnx (embedded, TorchServe's ONNX handler), Triton's copy."""
-        return [f"onnx/{self.int8_name}.onnx", f"model_repository/{self.int8_name}/1/model.onnx"]
+        """onnx/<model>_int8.onnx (embedded, TorchServe's ONNX handler) and, for the models that opt
+        in, Triton's copy: their model_repository/<model>_int8/config.pbtxt is committed (Triton
+        loads every folder of model_repository/, and one without a config fails its start)."""
+        triton = [f"model_repository/{self.int8_name}/1/model.onnx"] if self.quantize else []
+        return [f"onnx/{self.int8_name}.onnx", *triton]
 
 
 def _efficientnet_lite0(ctx: Context, entry: Entry) -> dict:
