@@ -51,6 +51,7 @@ class ServerSettings(Settings):
     max_images: PosInt = 64
     request_timeout_s: Annotated[float, Field(strict=True, gt=0)] = 60.0
     api_keys: tuple[Name, ...] = ()
+    admin_keys: tuple[Name, ...] = ()  # PUT /v1/models/<m>/traffic (X-Admin-Key); none: loopback clients only
     grpc_port: Annotated[int, Field(strict=True, ge=0, le=65535)] = 0  # the V2 gRPC front (0: off)
     access_log: Literal["json", "text", "off"] = "json"  # a line per HTTP answer on stderr (gateway.api.access)
     artifacts: ConfigPath = Path("artifacts.json")  # written by `gateway models build`
@@ -97,6 +98,27 @@ class RouteSettings(Settings):
     output_name: Name | None = None
     preprocess: PreprocessSettings | None = None
     output: Output | None = None
+    weight: Annotated[float, Field(strict=True, ge=0)] | None = None  # share of the model's traffic (gateway.traffic)
+
+
+Fraction = Annotated[float, Field(strict=True, ge=0, le=1)]
+
+
+class ShadowSettings(Settings):
+    """A route that gets a copy of a sample of the model's requests, its answers compared with the primary's."""
+
+    route: Name  # one of the model's routes (by name)
+    fraction: Fraction = 1.0  # of the model's answered requests
+    timeout_s: Annotated[float, Field(strict=True, gt=0)] = 5.0
+
+
+class GuardSettings(Settings):
+    """A canary route's weight drops to 0 when, over the last ``window`` calls (or compared
+    images), its error rate is above ``max_error_rate`` or its shadow agreement below ``min_agreement``."""
+
+    min_agreement: Fraction | None = None
+    max_error_rate: Fraction | None = None
+    window: PosInt = 100
 
 
 class ModelSettings(Settings):
@@ -109,6 +131,8 @@ class ModelSettings(Settings):
     max_in_flight: PosInt | None = None  # this model's requests admitted at once (default: the server's bound)
     max_queued: NonNegInt | None = None  # this model's requests waiting for a slot (default: the server's bound)
     routes: Annotated[list[RouteSettings], Field(min_length=1)]
+    shadows: list[ShadowSettings] = []  # gateway.traffic: copies of requests to other routes, compared
+    guard: GuardSettings | None = None  # gateway.traffic: zero a failing canary's weight
 
 
 class ConfigSettings(Settings):
@@ -131,6 +155,10 @@ class ModelConfig:
     task: Task  # what the model does with its raw output (gateway.tasks)
     max_in_flight: int | None = None  # admission control (None: the server's bounds)
     max_queued: int | None = None
+    # traffic (gateway.traffic): each route's weight ((): no split, routes in order), shadows, guard
+    route_weights: tuple[tuple[str, float], ...] = ()
+    shadows: tuple[ShadowSettings, ...] = ()
+    guard: GuardSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -229,6 +257,9 @@ def parse_config(data: Any, root: Path) -> GatewayConfig:
     default = settings.server.default_model or next(iter(models))
     if default not in models:
         raise ConfigError(f"server.default_model: expected one of {sorted(models)}, got {default!r}")
+    if set(settings.server.admin_keys) & set(settings.server.api_keys):
+        raise ConfigError("server.admin_keys: expected keys distinct from server.api_keys (an API key must not "
+                          "change traffic), got a key that is in both")
     server = settings.server.model_copy(update={"default_model": default})
     return GatewayConfig(server, dict(settings.backends), models, root, tuple(deprecations))
 
@@ -257,7 +288,30 @@ def _model(name: str, m: ModelSettings, settings: ConfigSettings, root: Path) ->
     return ModelConfig(name=name, labels=labels, labels_source=m.labels,
                        weights=_weights(m.weights, name, settings.server.artifacts),
                        preprocess=spec, preprocess_source=m.preprocess.source, output=m.output, routes=tuple(routes),
-                       task=_task(m, routes, where), max_in_flight=m.max_in_flight, max_queued=m.max_queued)
+                       task=_task(m, routes, where), max_in_flight=m.max_in_flight, max_queued=m.max_queued,
+                       **_traffic(m, [r.name for r in routes], where))
+
+
+def _traffic(m: ModelSettings, names: list[str], where: str) -> dict[str, Any]:
+    """The model's weights, shadows and guard (gateway.traffic), checked against its routes."""
+    weights: tuple[tuple[str, float], ...] = ()
+    if any(r.weight is not None for r in m.routes):
+        weights = tuple((name, float(r.weight or 0.0)) for name, r in zip(names, m.routes))
+        if not sum(w for _, w in weights) > 0:
+            raise ConfigError(f"{where}.routes: expected a weight above 0 on at least one route once routes carry "
+                              f"weights, got {dict(weights)}")
+    seen: set[str] = set()
+    for i, shadow in enumerate(m.shadows):
+        if shadow.route not in names:
+            raise ConfigError(f"{where}.shadows[{i}].route: expected one of the model's routes {names}, "
+                              f"got {shadow.route!r}")
+        if shadow.route in seen:
+            raise ConfigError(f"{where}.shadows[{i}].route: expected each route shadowed once, got {shadow.route!r} "
+                              "again")
+        seen.add(shadow.route)
+    if m.guard is not None and m.guard.min_agreement is None and m.guard.max_error_rate is None:
+        raise ConfigError(f"{where}.guard: expected min_agreement and/or max_error_rate, got neither")
+    return {"route_weights": weights, "shadows": tuple(m.shadows), "guard": m.guard}
 
 
 def _task(m: ModelSettings, routes: list[Route], where: str) -> Task:
@@ -352,6 +406,12 @@ def _schema_at(loc: tuple, data: dict) -> type[Settings] | None:
     if parts[0] == "models":
         if parts[-1] == "preprocess":
             return PreprocessSettings
+        if len(parts) == 3 and parts[2] == "guard":
+            return GuardSettings
+        if len(parts) == 4 and parts[2] == "shadows":
+            return ShadowSettings
+        if len(parts) == 4 and parts[2] != "routes":
+            return None
         by_depth: dict[int, type[Settings]] = {2: ModelSettings, 4: RouteSettings}
         return by_depth.get(len(parts))
     return None

@@ -101,6 +101,10 @@ class Task:
         """What /v1/models says of the task (``output``: what the model's scores mean)."""
         return {"task": self.name}
 
+    def output_name(self, output: str) -> str:
+        """The V2 front's name for the model's raw output (``output``: what its scores mean)."""
+        return "output"
+
     def shaped(self, raw: np.ndarray, route: Route, labels: int) -> np.ndarray:
         """A route's raw (N, ...) output in the declared dims (an engine may add unit axes, e.g.
         (N, 1000, 1, 1)); an answer that does not fit the model is the engine's bad answer: a
@@ -157,6 +161,9 @@ class Classification(Task):
 
     def describe(self, output: str) -> dict:
         return {"task": self.name, "output": output}
+
+    def output_name(self, output: str) -> str:
+        return output  # logits | probabilities
 
 
 @dataclass(frozen=True)

@@ -349,7 +349,10 @@ def test_v2_backend_down_is_a_503_naming_it_and_failover_answers(v2_api):
     payload = body([fp32(SMALL)])
     resp = v2_api.post(f"/v2/models/{MODEL}/versions/triton/infer", data=payload)
     assert resp.status_code == 503 and "'triton'" in resp.json()["error"], resp.text
-    assert v2_api.get(f"/v2/models/{MODEL}/versions/triton/ready").status_code == 503
+    not_ready = v2_api.get(f"/v2/models/{MODEL}/versions/triton/ready")
+    # the status carries the answer; the body is the protocol's error, as the OpenAPI declares for 503
+    assert not_ready.status_code == 503 and set(not_ready.json()) == {"error"}
+    assert "version 'triton' is not ready" in not_ready.json()["error"]
     ok = v2_api.post(f"/v2/models/{MODEL}/infer", data=payload)  # no version: embedded answers first
     assert ok.status_code == 200 and ok.json()["model_version"] == "embedded"
 

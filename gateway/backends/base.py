@@ -31,7 +31,7 @@ class RemoteSettings(BackendSettings):
     url: HttpUrl
     connect_timeout_s: PosFloat = 2.0
     timeout_s: PosFloat = 30.0
-    pool_size: PosInt = 16  # pooled connections: bounds what a slow backend can tie up
+    pool_size: PosInt = 256  # kept-alive connections per engine: sized for the in-flight bounds (admission)
     max_batch_size: NonNegInt = 0  # images per call at most (0: the engine's own limit, or none)
 
 

@@ -165,16 +165,11 @@ def _decoder(item, shape: list[int], raw: bytes | None, where: str):
 
 
 def _requested(output, i: int) -> RequestedOutput:
-    k = 0
-    for name, value in output.parameters.items():
-        if name == "classification":
-            k = _value(value)
-            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise BadRequest(f"outputs[{i}]: classification must be a positive integer (int64_param), got {k!r}",
-                                 code="invalid_output")
-        elif name != "binary_data":  # binary_data: REST's encoding, meaningless (and harmless) over gRPC
+    for name in output.parameters:
+        if name not in ("classification", "binary_data"):  # binary_data: REST's encoding, harmless over gRPC
             raise BadRequest(f"outputs[{i}]: unknown parameter {name!r} (classification)", code="invalid_output")
-    return RequestedOutput(output.name, int(k))
+    k = _value(output.parameters["classification"]) if "classification" in output.parameters else None
+    return RequestedOutput.asking(output.name, k, f"outputs[{i}] (int64_param)")
 
 
 def _response(answer: InferResponse) -> service_pb2.ModelInferResponse:

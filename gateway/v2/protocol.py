@@ -68,6 +68,14 @@ class RequestedOutput:
     classification: int = 0  # k > 0: the classification extension's top-k strings
     binary: bool | None = None  # REST: send as binary data (None: the request's default)
 
+    @classmethod
+    def asking(cls, name: str, classification: Any, where: str, binary: bool | None = None) -> RequestedOutput:
+        """An output as a client asked for it (REST or gRPC); ``where`` names the parameter in errors."""
+        k = 0 if classification is None else classification
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise BadRequest(f"{where}: classification must be a positive integer, got {k!r}", code="invalid_output")
+        return cls(name, k, binary)
+
 
 @dataclass
 class InferRequest:
@@ -112,7 +120,7 @@ class V2Model:
 
     @property
     def output_name(self) -> str:
-        return "output" if self.model.task.name == "detection" else self.model.output
+        return self.model.task.output_name(self.model.output)
 
     @property
     def output_dims(self) -> list[int]:

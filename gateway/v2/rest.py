@@ -200,11 +200,8 @@ def _output(item, where: str) -> RequestedOutput:
     if not isinstance(item.get("name"), str):
         raise BadRequest(f"{where}.name is required (str)", code="invalid_output")
     parameters = _mapping(item.get("parameters", {}), f"{where}.parameters", OUTPUT_PARAMETERS)
-    k = parameters.get("classification", 0)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-        raise BadRequest(f"{where}.parameters.classification must be a positive integer, got {k!r}",
-                         code="invalid_output")
-    return RequestedOutput(item["name"], k, _flag(parameters, "binary_data", f"{where}.parameters"))
+    return RequestedOutput.asking(item["name"], parameters.get("classification"), f"{where}.parameters",
+                                  _flag(parameters, "binary_data", f"{where}.parameters"))
 
 
 def _raw_input_request(model: str, version: str, data: bytes) -> InferRequest:

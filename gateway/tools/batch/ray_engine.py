@@ -18,12 +18,15 @@ job); ``ray://host:10001`` or ``host:6379`` joins a cluster.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -54,12 +57,24 @@ SESSION_BATCH = 4
 
 @dataclass(frozen=True)
 class Job:
-    """What every task and actor needs, shipped to them once (it pickles)."""
+    """What every task and actor needs, shipped to them once: small (the config travels as its
+    path, read once per worker process), so Ray keeps it out of the object store."""
 
-    config: GatewayConfig
+    config_path: str  # absolute: every node reads the same gateway.yaml (and its model files)
     model: str
     route: str  # route name (an embedded backend's route)
     options: Any  # the task's request options (top_k; a detector's thresholds)
+
+    @property
+    def config(self) -> GatewayConfig:
+        return _config(self.config_path)
+
+
+@functools.lru_cache(maxsize=4)
+def _config(path: str) -> GatewayConfig:
+    from gateway.config import load_config
+
+    return load_config(path)
 
 
 # -- the two pipeline steps ---------------------------------------------------------------------
@@ -198,9 +213,17 @@ def build_dataset(filesystem, items: list[tuple[str, str]], job: Job, actors: in
     keys = ray.data.from_items([{"file": k, "path": p} for k, p in items], override_num_blocks=blocks)
     tensors = keys.map_batches(load_images, fn_kwargs={"filesystem": filesystem, "job": job},  # type: ignore[arg-type]
                                batch_size=batch_size, batch_format="numpy", num_cpus=LOADER_CPUS)
-    return tensors.map_batches(InferenceActor, fn_constructor_kwargs={"job": job, "session_batch": SESSION_BATCH},
-                          batch_size=batch_size, batch_format="numpy", num_cpus=actor_cpus,
-                          compute=ray.data.ActorPoolStrategy(size=actors))
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates passing actor options through map_batches, and has no other way yet
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning)
+        return tensors.map_batches(InferenceActor, fn_constructor_kwargs={"job": job, "session_batch": SESSION_BATCH},
+                                   batch_size=batch_size, batch_format="numpy", num_cpus=actor_cpus,
+                                   compute=ray.data.ActorPoolStrategy(size=actors),
+                                   # Ray Data ships the actor's class through the object store, where a
+                                   # restart cannot rely on finding it (ray-project/ray#53727), and says so
+                                   # at error level: an actor that dies ends the run instead (its lines
+                                   # so far are kept and a re-run resumes)
+                                   max_restarts=0)
 
 
 def run_ray_batch(source: str, out: str, address: str | None = None, config_path: str = "gateway.yaml",
@@ -225,7 +248,7 @@ def run_ray_batch(source: str, out: str, address: str | None = None, config_path
     pending = [item for item in items if item[0] not in done]
     todo = pending if limit is None else pending[:limit]
     stats: dict[str, Any] = {"total": len(items), "skipped": len(items) - len(pending), "written": 0, "errors": 0}
-    job = Job(config, model_settings.name, route.name, options)
+    job = Job(str(Path(config_path).resolve()), model_settings.name, route.name, options)
 
     started_here, stats["ray_start_s"] = start_ray(address, num_cpus) if todo else (False, 0.0)
     progress_bar = bar(len(todo), progress)
