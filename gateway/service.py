@@ -7,6 +7,7 @@ the protocols on top (the JSON API, later others) only read requests and write a
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway import admission, deadlines, metrics, postprocess, routing, tasks
+from gateway import admission, deadlines, metrics, postprocess, routing, tasks, tracing
 from gateway.backends.base import Backend
 from gateway.backends.embedded import default_threads
 from gateway.backends.registry import backend_class
@@ -34,6 +35,7 @@ from gateway.errors import (
 )
 from gateway.preprocess import PreprocessSpec
 from gateway.routing import Route
+from gateway.traffic import Traffic
 
 log = logging.getLogger("gateway")
 READY_TTL_S = 1.0
@@ -99,6 +101,7 @@ class Gateway:
         self.backends: dict[str, Backend] = backends if backends is not None else {
             name: backend_class(settings.kind)(name, settings) for name, settings in config.backends.items()}
         self.health = health or RouteHealth()
+        self.traffic = Traffic(config)  # weighted splits, shadow routes, the guard (gateway/traffic.py)
         self._ready_cache: dict[tuple, tuple[float, bool]] = {}
         server = config.server
         in_flight, queued = server.max_in_flight or 512, server.max_queued or 64
@@ -190,7 +193,8 @@ class Gateway:
             except (ValueError, TypeError) as exc:
                 raise BadRequest(str(exc), code="invalid_parameter") from None
             started = time.perf_counter()
-            decoded = self.cpu(model.name, deadline, self.decode, images, model)
+            with tracing.span("decode", images=len(images), bytes=sum(map(len, images))):
+                decoded = self.cpu(model.name, deadline, self.decode, images, model)
             sizes = tasks.sizes(decoded)
             answer = self.run(model, route, backend, started=started, deadline=deadline,
                               prepare=lambda r: tasks.prepare(decoded, r.preprocess),
@@ -213,7 +217,8 @@ class Gateway:
                 batch, given = inputs, layout or model.preprocess.layout
                 prepare: Callable[[Route], np.ndarray] = lambda r: conform(batch, given, r.preprocess)
             else:
-                decoded = self.cpu(model.name, deadline, self.decode, inputs, model)
+                with tracing.span("decode", images=len(inputs), bytes=sum(map(len, inputs))):
+                    decoded = self.cpu(model.name, deadline, self.decode, inputs, model)
                 prepare = lambda r: tasks.prepare(decoded, r.preprocess)
             answer = self.run(model, route, backend, started=started, deadline=deadline, prepare=prepare,
                               finish=lambda r, raw: postprocess.to_meaning(model.task.shaped(raw, r, len(model.labels)),
@@ -228,7 +233,10 @@ class Gateway:
         the server's admission limiters for its whole life (429 or 504 when there is none)."""
         deadline = deadlines.deadline(timeout_s, self.config.server.request_timeout_s)
         with self.observed(model, count=count, protocol=protocol) as outcome, deadlines.within(deadline), \
-                admission.admitted([self.limiters[model.name], self.limiter], model.name, deadline):
+                contextlib.ExitStack() as held:
+            with tracing.span("queue wait", model=model.name):
+                held.enter_context(admission.admitted([self.limiters[model.name], self.limiter], model.name,
+                                                      deadline))
             yield outcome, deadline
 
     @contextmanager
@@ -270,7 +278,7 @@ class Gateway:
         batches: dict = {}
         failures: list[BackendError] = []
         tried: list[str] = []  # route names, in the order tried
-        for chosen in routes if forced else self.health.order(routes):
+        for chosen in routes if forced else self.traffic.order(model, routes, self.health):
             t0 = time.perf_counter()
             if time.monotonic() >= deadline:  # failover must not outlive the request's time budget
                 if not failures:
@@ -280,26 +288,36 @@ class Gateway:
                 break  # the failures so far answer: the routes behind them had no time left
             batch = batches.get(chosen.preprocess)
             if batch is None:
-                batch = batches[chosen.preprocess] = self.cpu(model.name, deadline, prepare, chosen)
+                with tracing.span("preprocess", route=chosen.name):
+                    batch = batches[chosen.preprocess] = self.cpu(model.name, deadline, prepare, chosen)
             engine = self.backends[chosen.backend]
             t1 = time.perf_counter()
             try:
-                if self.config.backends[chosen.backend].kind == "embedded":
-                    t2, results = self.cpu(model.name, deadline, _infer_and_finish, engine, chosen, batch, finish)
-                else:
-                    raw = engine.infer(chosen, batch)
-                    t2 = time.perf_counter()
-                    results = self.cpu(model.name, deadline, finish, chosen, raw)
+                with tracing.span(f"engine {chosen.backend}", model=model.name, route=chosen.name,
+                                  backend=chosen.backend, batch_size=len(batch)):
+                    if self.config.backends[chosen.backend].kind == "embedded":
+                        t2, results = self.cpu(model.name, deadline, _infer_and_finish, engine, chosen, batch, finish)
+                    else:
+                        raw = engine.infer(chosen, batch)
+                        t2 = time.perf_counter()
+                        with tracing.span("postprocess", route=chosen.name):
+                            results = self.cpu(model.name, deadline, finish, chosen, raw)
             except (BackendUnavailable, BackendTimeout) as exc:
                 self.health.failed(chosen)
+                self.traffic.failed(model, chosen, exc)
                 failures.append(exc)
                 tried.append(chosen.name)
                 log.warning("route %s/%s failed: %s", model.name, chosen.name, exc.message)
                 continue
+            except BackendError as exc:  # a bad answer: no failover, but a canary's guard counts it
+                self.traffic.failed(model, chosen, exc)
+                raise
             self.health.succeeded(chosen)
             t3 = time.perf_counter()
             metrics.INFERENCE.labels(model.name, chosen.backend).observe(t2 - t1)
             timings = {"preprocess": (begun - started) + (t1 - t0), "inference": t2 - t1,
                        "postprocess": t3 - t2, "total": t3 - started}
-            return Answer(model, chosen, results, {k: round(v * 1e3, 3) for k, v in timings.items()})
+            answer = Answer(model, chosen, results, {k: round(v * 1e3, 3) for k, v in timings.items()})
+            self.traffic.answered(self, answer, prepare, finish, batches)  # shadow copies, off the request path
+            return answer
         raise all_routes_failed(model.name, failures, tried)
