@@ -11,11 +11,15 @@ STAMP  := $(VENV)/.installed
 KSERVE_VENV  := .venv-kserve
 KSERVE_STAMP := $(KSERVE_VENV)/.installed
 
-.PHONY: setup serve test lint models bench bench-triton bench-torchserve bench-detect lambda clean
+.PHONY: setup serve test lint models bench bench-triton bench-torchserve bench-detect bench-int8 lambda clean
 
 setup: $(STAMP) $(KSERVE_STAMP) models
 	@# the browser tests (tests/test_ui.py) drive Debian's headless Chromium; we run as root
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+	@# tests/test_prometheus.py runs Debian's Prometheus and promtool (each test its own server, on a free
+	@# loopback port); the package's own service is stopped where an init system started it
+	@command -v prometheus >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null \
+		&& { systemctl disable --now prometheus >/dev/null 2>&1 || service prometheus stop >/dev/null 2>&1 || true; })
 
 # Pinned dependencies; torch 2.13.0 resolves to the machine's local CPU wheel (never CUDA).
 $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
@@ -64,9 +68,32 @@ bench-torchserve: setup
 bench-detect: setup
 	$(BIN)/gateway bench --model yolox_nano --routes embedded --concurrency 1,4 --out bench_results/detect
 
+# FP32 and int8 efficientnet_lite0 through the gateway, in the same run (README "int8 models")
+bench-int8: setup
+	$(BIN)/gateway bench --model efficientnet_lite0 --routes embedded,embedded-int8 --concurrency 1,4,8 --out bench_results/int8
+
 # AWS Lambda: build/lambda/gateway-lambda.zip and the container image's build context.
 lambda: setup
 	$(BIN)/gateway package lambda
 
 clean:
 	rm -rf run onnx artifacts.json model_repository/*/1 torchserve/model_store tfserving/models
+
+# Holding traffic (issue 21): a stand-in engine (benchmarks/standin_engine.py) behind the gateway
+# at 64/256 clients and 1,000 held connections; 4x overload on the embedded route; slow uploads
+# beside normal clients. Each starts `gateway serve` as `make serve` does; JSON in bench_results/.
+.PHONY: bench-concurrency bench-overload bench-slow-clients
+bench-concurrency: setup
+	$(BIN)/python benchmarks/concurrency_bench.py
+
+bench-overload: setup
+	$(BIN)/python benchmarks/overload_bench.py
+
+bench-slow-clients: setup
+	$(BIN)/python benchmarks/slow_clients_bench.py
+
+# Traces (issue 25): the embedded classify path through `gateway serve` with tracing off and on
+# (OTLP to a local receiver), same run; p50, img/s, CPU per request (README "Traces").
+.PHONY: bench-tracing
+bench-tracing: setup
+	$(BIN)/python benchmarks/tracing_bench.py

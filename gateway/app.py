@@ -6,8 +6,8 @@ import logging
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from gateway import metrics
-from gateway.api import access, auth, classify, health, models, openapi, ui
+from gateway import metrics, tracing
+from gateway.api import access, auth, classify, health, models, openapi, traffic, ui
 from gateway.api.uploads import UploadGuard
 from gateway.config import GatewayConfig
 from gateway.errors import GatewayError, PayloadTooLarge, TooManyRequests
@@ -32,13 +32,14 @@ def create_app(config: GatewayConfig, gateway: Gateway | None = None) -> Flask:
         gateway.load()
     app.extensions["gateway"] = gateway
     app.extensions["v2"] = Catalog(gateway)
-    for bp in (classify.bp, models.bp, health.bp, openapi.bp, v2_rest.bp, ui.bp):
+    for bp in (classify.bp, models.bp, health.bp, openapi.bp, v2_rest.bp, ui.bp, traffic.bp):
         app.register_blueprint(bp)
     auth.install(app)
     register_error_handlers(app)
     server = config.server
     app.wsgi_app = UploadGuard(app.wsgi_app, server.max_body_bytes,  # type: ignore[method-assign]
                                server.min_upload_bytes_per_s, server.upload_grace_s)
+    tracing.install(app)  # off unless OTEL_TRACES_EXPORTER is set; on: a server span around the upload guard
 
     @app.after_request
     def count(response: Response) -> Response:

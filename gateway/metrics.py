@@ -83,3 +83,27 @@ class _Families:
 
     def collect(self):
         return self.families
+
+
+# Traffic between a model's routes (gateway/traffic.py): the weighted split, shadow routes compared
+# with the primary that answered, and the guard that zeroes a failing canary.
+TRAFFIC_WEIGHT = Gauge("gateway_traffic_weight", "A route's share of its model's weighted split (0..1; a worker's "
+                       "view, the same in every worker)", ["model", "route"], multiprocess_mode="livemax")
+TRAFFIC_SPLIT = Counter("gateway_traffic_split_total", "Requests the weighted split sent first to a route",
+                        ["model", "route"])
+SHADOW_CALLS = Counter("gateway_shadow_calls_total", "Shadow copies by outcome: compared, error, dropped (the shadow "
+                       "queue was full)", ["model", "primary", "shadow", "outcome"])
+SHADOW_ERRORS = Counter("gateway_shadow_errors_total", "Shadow calls that failed, by error code",
+                        ["model", "primary", "shadow", "code"])
+SHADOW_AGREEMENT = Histogram("gateway_shadow_agreement", "Per compared image, 0..1: top1 (1 when the top classes "
+                             "agree), top5 (overlap of the top 5), boxes (fraction of boxes matched by class at IoU "
+                             ">= 0.5); sum/count is the agreement rate", ["model", "primary", "shadow", "measure"],
+                             buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0))
+SHADOW_SCORE_DIFF = Histogram("gateway_shadow_max_score_difference", "Per compared image: the largest |score "
+                              "difference| between primary and shadow", ["model", "primary", "shadow"],
+                              buckets=(1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0))
+SHADOW_LATENCY_RATIO = Histogram("gateway_shadow_latency_ratio", "A shadow's engine time over the primary's "
+                                 "(inference + postprocessing)", ["model", "primary", "shadow"],
+                                 buckets=(0.1, 0.25, 0.5, 0.8, 1.0, 1.25, 1.5, 2, 4, 10, 100))
+GUARD_TRIPS = Counter("gateway_guard_trips_total", "Canary routes whose weight the guard set to 0, by reason "
+                      "(error_rate, agreement)", ["model", "route", "reason"])

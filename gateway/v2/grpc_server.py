@@ -24,7 +24,7 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
-from gateway import metrics
+from gateway import metrics, tracing
 from gateway.api.access import sane_id
 from gateway.api.auth import presented_key, require_key
 from gateway.errors import BadRequest, GatewayError, TooManyRequests
@@ -208,7 +208,8 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
             _request_id(context)
             try:
                 servicer._authorize(context)
-                yield from call(request_iterator, context)
+                with tracing.rpc_span(method, dict(context.invocation_metadata())):  # the client's traceparent
+                    yield from call(request_iterator, context)
             except grpc.RpcError:  # the client went away or the server is stopping: nobody to answer
                 _count(method, grpc.StatusCode.CANCELLED)
                 return
@@ -223,7 +224,8 @@ def _guarded(servicer: Servicer, method: str, call: Callable, streaming: bool) -
         try:
             if method not in OPEN_METHODS:
                 servicer._authorize(context)
-            answer = call(request, context)
+            with tracing.rpc_span(method, dict(context.invocation_metadata())):  # the client's traceparent
+                answer = call(request, context)
         except Exception as exc:
             fail(context, exc)
         _count(method, grpc.StatusCode.OK)
