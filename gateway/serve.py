@@ -59,6 +59,9 @@ def serve(args) -> int:
     metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     os.environ["GATEWAY_WORKERS"] = str(args.workers)
+    # traffic overrides, the change log and stats shared by the workers (gateway.traffic), gone with the server
+    os.environ["GATEWAY_TRAFFIC_DIR"] = os.path.join(metrics_dir, "traffic")
+    current = {"config": config}  # what new workers load: replaced on SIGHUP by a valid gateway.yaml
 
     from gunicorn import util
     from gunicorn.app.base import BaseApplication
@@ -80,8 +83,9 @@ def serve(args) -> int:
                 "errorlog": "-",
                 "loglevel": "info",
                 "child_exit": _child_exit,
-                "worker_exit": _stop_grpc,
+                "worker_exit": _worker_exit,
                 "on_exit": lambda server: _cleanup(metrics_dir),
+                "on_reload": lambda arbiter: _reload(config_path, current),
                 # this server's own control socket (gunicornc -s PATH): gunicorn's default is one path
                 # per user, which a second gateway would take over and remove when it stops
                 "control_socket": os.path.join(metrics_dir, "gunicorn.ctl"),
@@ -95,7 +99,7 @@ def serve(args) -> int:
         def load(self):  # runs in each worker after fork: ONNX sessions and gRPC servers are per process
             from gateway.app import create_app
 
-            app = create_app(load_config(config_path))
+            app = create_app(current["config"])  # read (and validated) by the master: at start, or on SIGHUP
             gateway = app.extensions["gateway"]
             if args.front == "gevent":
                 _offload_cpu(gateway, threads)
@@ -113,6 +117,25 @@ def serve(args) -> int:
           file=sys.stderr)
     GatewayServer().run()
     return 0
+
+
+def _reload(config_path: Path, current: dict) -> None:
+    """SIGHUP, in gunicorn's master before it starts new workers (the old ones finish their requests,
+    up to graceful_timeout): gateway.yaml read and validated again. The new workers get it; an
+    invalid file is refused, naming the key, and they get the running configuration. Traffic
+    changes are logged where the traffic endpoint shows them."""
+    from gateway import traffic
+
+    folder = os.environ.get(traffic.STATE_DIR_ENV)
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        print(f"gateway: reload refused, the running configuration stays: {exc}", file=sys.stderr)
+        traffic.note_reload(folder, current["config"], None, str(exc))
+        return
+    changes = traffic.note_reload(folder, current["config"], config)
+    print(f"gateway: reloaded {config_path.name}" + "".join(f"; {line}" for line in changes), file=sys.stderr)
+    current["config"] = config
 
 
 def _offload_cpu(gateway, threads: int | None) -> None:
@@ -149,10 +172,12 @@ def write_json_error(sock, status_int: int, reason: str, mesg: str) -> None:
 
     from gunicorn import util
 
-    code = reason.lower().replace(" ", "_")
-    body = json.dumps({"error": {"code": code, "message": mesg or reason}}).encode()
+    from gateway.api.access import new_id
+
+    code, request_id = reason.lower().replace(" ", "_"), new_id()  # the request could not be read: a new id
+    body = json.dumps({"error": {"code": code, "message": mesg or reason, "request_id": request_id}}).encode()
     head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode("latin1")
+            f"X-Request-Id: {request_id}\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin1")
     util.write_nonblock(sock, head + body)
 
 
@@ -162,6 +187,14 @@ def _stop_grpc(server, worker) -> None:
     grpc_server = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("grpc_server")
     if grpc_server is not None:
         grpc_server.stop(1.0).wait(2.0)
+
+
+def _worker_exit(server, worker) -> None:
+    """A worker exiting: its gRPC server stopped, then its queued spans exported (gateway.tracing)."""
+    _stop_grpc(server, worker)
+    from gateway import tracing
+
+    tracing.shutdown()
 
 
 def _child_exit(server, worker) -> None:
