@@ -68,6 +68,12 @@ bench-torchserve: setup
 bench-detect: setup
 	$(BIN)/gateway bench --model yolox_nano --routes embedded --concurrency 1,4 --out bench_results/detect
 
+# The same job on the servers a user would pick instead (Flask + gunicorn, FastAPI + uvicorn, LitServe,
+# BentoML, Ray Serve, KServe, MLServer), each in its own venv under run/peers/ (created on first use
+# from benchmarks/peers/requirements-*.txt, no torch), beside the gateway; two interleaved rounds.
+bench-peers: setup
+	$(BIN)/python benchmarks/peers_bench.py
+
 # FP32 and int8 efficientnet_lite0 through the gateway, in the same run (README "int8 models")
 bench-int8: setup
 	$(BIN)/gateway bench --model efficientnet_lite0 --routes embedded,embedded-int8 --concurrency 1,4,8 --out bench_results/int8

@@ -119,8 +119,9 @@ def test_circuit_opens_backs_off_and_probes_back():
 
 
 def test_open_routes_are_still_tried_when_nothing_else_is_left():
-    gateway = scripted(embedded=[BackendUnavailable("embedded", "x"), 7], triton=[BackendUnavailable("triton", "y")],
-        torchserve=[BackendUnavailable("torchserve", "z")])
+    down = BackendUnavailable("embedded", "x")  # twice: the embedded engine serves two routes (FP32, int8)
+    gateway = scripted(embedded=[down, down, 7], triton=[BackendUnavailable("triton", "y")],
+                       torchserve=[BackendUnavailable("torchserve", "z")])
     with pytest.raises(BackendUnavailable):
         run(gateway)                                        # every circuit now open
     assert run(gateway).route.backend == "embedded"         # tried anyway, and it recovered

@@ -156,7 +156,13 @@ def _int8(ctx: Context, entry: Entry, manifest: Manifest, force: bool, config) -
         return
     record.pop("int8", None)
     manifest.save()
-    record["int8"] = quantize.quantize(config or load_config(ctx.root / "gateway.yaml"), entry, why=why, log=ctx.log)
+    try:
+        record["int8"] = quantize.quantize(config or load_config(ctx.root / "gateway.yaml"), entry, why=why,
+                                           log=ctx.log)
+    except BaseException:  # what is there was made from another FP32 file, recipe or calibration set
+        for rel in entry.int8_files:
+            ctx.path(rel).unlink(missing_ok=True)
+        raise
     manifest.save()
 
 
