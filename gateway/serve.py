@@ -9,6 +9,7 @@ flight), for comparison. README "Serving front" has the measurements that chose 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -129,11 +130,16 @@ def _reload(config_path: Path, current: dict) -> None:
     folder = os.environ.get(traffic.STATE_DIR_ENV)
     try:
         config = load_config(config_path)
-    except ConfigError as exc:
-        print(f"gateway: reload refused, the running configuration stays: {exc}", file=sys.stderr)
-        traffic.note_reload(folder, current["config"], None, str(exc))
+    except Exception as exc:  # never out of the master: an exception here would stop the server
+        message = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        print(f"gateway: reload refused, the running configuration stays: {message}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            traffic.note_reload(folder, current["config"], None, message)
         return
-    changes = traffic.note_reload(folder, current["config"], config)
+    try:
+        changes = traffic.note_reload(folder, current["config"], config)
+    except OSError as exc:
+        changes = [f"(the change log could not be written: {exc})"]
     print(f"gateway: reloaded {config_path.name}" + "".join(f"; {line}" for line in changes), file=sys.stderr)
     current["config"] = config
 
@@ -145,6 +151,9 @@ def _offload_cpu(gateway, threads: int | None) -> None:
     from grpc.experimental import gevent as grpc_gevent
 
     grpc_gevent.init_gevent()
+    # The event loop shares the GIL with the CPU threads: while one runs Python code (decoding,
+    # preprocessing, postprocessing) the loop would wait up to the default 5 ms for each turn.
+    sys.setswitchinterval(0.001)
     if threads:
         gateway.cpu.limiter.limit = threads
     pool = gevent.threadpool.ThreadPool(gateway.cpu.limiter.limit)

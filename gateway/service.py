@@ -109,7 +109,7 @@ class Gateway:
         self.limiters = {name: admission.Limiter(f"model {name!r}", m.max_in_flight or in_flight,
                                                  queued if m.max_queued is None else m.max_queued)
                          for name, m in config.models.items()}
-        threads = server.cpu_threads or 2 * default_threads()
+        threads = server.cpu_threads or default_threads()  # a core each: more only contend for the GIL
         self.cpu = admission.Cpu(threads, server.cpu_queue or 16 * threads,  # `gateway serve` sets its offload
                                  server.cpu_max_wait_ms / 1e3)
 

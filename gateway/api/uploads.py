@@ -12,7 +12,7 @@ import io
 import json
 import time
 
-from gateway import metrics
+from gateway import metrics, tracing
 
 CHUNK = 1 << 16
 
@@ -44,7 +44,10 @@ class UploadGuard:
         if (size is None and not chunked) or size == 0 or (size or 0) > self.max_body:
             return self.app(environ, start_response)
         try:
-            body = self._read(environ, size)
+            with tracing.span("body read") as read:
+                body = self._read(environ, size)
+                if read is not None:
+                    read.set_attribute("bytes", len(body))
         except TooSlow as exc:
             return self._cut(str(exc), start_response)
         environ["wsgi.input"] = io.BytesIO(body)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import requests
 from requests.adapters import HTTPAdapter
 
-from gateway import deadlines
+from gateway import deadlines, tracing
 from gateway.errors import BackendBadResponse, BackendError, BackendRejected, BackendTimeout, BackendUnavailable
 
 
@@ -60,6 +60,8 @@ class BackendSession:
     def request(self, method: str, url: str, **kw) -> requests.Response:
         """One call, given at most the time left before the request's deadline (gateway.deadlines)."""
         timeout = call_timeout(self.backend, self.timeout)
+        if tracing.enabled():  # the engine's spans join the request's trace (W3C traceparent)
+            kw["headers"] = tracing.inject(dict(kw.get("headers") or {}))
         try:
             return self.session.request(method, url, timeout=timeout, **kw)
         except requests.ConnectTimeout:

@@ -25,7 +25,7 @@ import numpy as np
 import orjson
 import requests
 
-from gateway import deadlines
+from gateway import deadlines, tracing
 from gateway.backends.base import Backend, RemoteSettings
 from gateway.backends.http import BackendSession, error_for_status
 from gateway.errors import BackendBadResponse, BackendError, BackendUnavailable
@@ -167,7 +167,8 @@ class TFServingBackend(Backend):
         try:
             left = deadlines.remaining()
             response = stub.Predict(request, timeout=self.settings.timeout_s if left is None
-                                    else max(1e-3, min(self.settings.timeout_s, left)))
+                                    else max(1e-3, min(self.settings.timeout_s, left)),
+                                    metadata=tuple(tracing.inject({}).items()) or None)  # traceparent
         except grpc.RpcError as exc:
             status = GRPC_STATUS.get(exc.code().name, 500)
             raise error_for_status(self.name, status, f"model {route.backend_model!r}: gRPC {exc.code().name}: "

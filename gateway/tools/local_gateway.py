@@ -20,7 +20,7 @@ def free_port() -> int:
 
 class LocalGateway:
     def __init__(self, config_path: Path, workers: int = 1, threads: int = 4, log_path: Path | None = None,
-                 timeout: float = 60.0, grpc_port: int = 0):
+                 timeout: float = 60.0, grpc_port: int = 0, env: dict[str, str] | None = None):
         self.config_path = Path(config_path)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -32,7 +32,8 @@ class LocalGateway:
                 [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path),
                  "--port", str(self.port), "--workers", str(workers), "--threads", str(threads),
                  "--grpc-port", str(grpc_port)],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, **env} if env else None)  # env: more variables (e.g. OTEL_*)
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -28,6 +28,7 @@ from gateway import metrics, tracing
 from gateway.api.access import sane_id
 from gateway.api.auth import presented_key, require_key
 from gateway.errors import BadRequest, GatewayError, TooManyRequests
+from gateway.traffic import set_request_key
 from gateway.v2.protocol import SERVER, Catalog, InferRequest, InferResponse, InputTensor, RequestedOutput
 from gateway.v2.tensors import check_shape, from_buffer, from_elements, from_list, join_bytes, numpy_dtype
 
@@ -83,12 +84,14 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     def ModelInfer(self, request, context):
+        set_request_key(dict(context.invocation_metadata()).get("x-traffic-key"))  # the weighted split's key
         return self._infer(request, context.time_remaining())
 
     def ModelStreamInfer(self, request_iterator, context):
         if not self.streams.acquire(blocking=False):  # each open stream holds one of the server's threads
             raise TooManyRequests(f"{self.max_streams} streams are open; close one or use ModelInfer",
                                   code="too_many_streams")
+        set_request_key(dict(context.invocation_metadata()).get("x-traffic-key"))  # one key for the stream
         try:
             for request in request_iterator:
                 try:

@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -69,8 +70,9 @@ def _server_ready(base: str) -> bool:
     return requests.get(f"{base}/v2/health/ready", timeout=2).status_code == 200
 
 
-def start(config, name: str = NAME, timeout: float = 180.0) -> None:
-    """Start the backend called ``name`` (kind triton) and wait until its routed models are ready."""
+def start(config, name: str = NAME, timeout: float = 180.0, extra_args: Sequence[str] = ()) -> None:
+    """Start the backend called ``name`` (kind triton) and wait until its routed models are ready.
+    ``extra_args``: more tritonserver flags (e.g. ``--trace-config ...``, tests/test_tracing.py)."""
     run = process.run_dir(config, name)
     pid_file, log = run / "tritonserver.pid", run / "tritonserver.log"
     host, port = _ports(config, name)
@@ -93,6 +95,7 @@ def start(config, name: str = NAME, timeout: float = 180.0) -> None:
         f"--grpc-address={host}", f"--grpc-port={port + 1}",
         f"--metrics-address={host}", f"--metrics-port={port + 2}",
         "--allow-gpu-metrics=false", "--exit-timeout-secs=2", "--log-verbose=0",
+        *extra_args,
     ]
     envs_before = _python_envs()
     pid = process.spawn(cmd, log, pid_file, env=_env(), cwd=run)
