@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "gateway.tools.bench",  # bench
     "gateway.tools.batch.cli",  # batch
     "gateway.tools.evaluation",  # eval
+    "gateway.tools.traffic",  # traffic
     "gateway.ops.lambda_package",  # package lambda
 )
 

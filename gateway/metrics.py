@@ -87,8 +87,8 @@ class _Families:
 
 # Traffic between a model's routes (gateway/traffic.py): the weighted split, shadow routes compared
 # with the primary that answered, and the guard that zeroes a failing canary.
-TRAFFIC_WEIGHT = Gauge("gateway_traffic_weight", "A route's share of its model's weighted split (0..1; a worker's "
-                       "view, the same in every worker)", ["model", "route"], multiprocess_mode="livemax")
+TRAFFIC_WEIGHT = Gauge("gateway_traffic_weight", "A route's share of its model's weighted split (0..1; the most "
+                       "recent worker's view)", ["model", "route"], multiprocess_mode="livemostrecent")
 TRAFFIC_SPLIT = Counter("gateway_traffic_split_total", "Requests the weighted split sent first to a route",
                         ["model", "route"])
 SHADOW_CALLS = Counter("gateway_shadow_calls_total", "Shadow copies by outcome: compared, error, dropped (the shadow "

@@ -49,6 +49,9 @@ def init():
             raise RuntimeError(f"the gateway config needs the Python module {exc.name!r}, which this Lambda "
                                "bundle does not include (it serves embedded, TorchServe and TF Serving REST "
                                "backends)") from exc
+        # weights apply as in `gateway serve`; shadows do not: Lambda freezes the environment once the
+        # answer is returned, so a copy sent after it would run (or time out) during later invocations
+        app.extensions["gateway"].traffic.shadows_enabled = False
         _handler = make_lambda_handler(app)
     return _handler
 
