@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
-"""The seed's client: classify one image and print each prediction as the seed did,
-e.g. ['0.799', '285', 'Egyptian cat'].
+"""The seed's client: classify one image and print each prediction as the seed did, e.g.
+for the README's photo (after `make serve`):
 
-    tools/send_request.py kitten.jpg --model-name efficientnet_lite0 [--url http://127.0.0.1:8000]
+    $ tools/send_request.py examples/cat.jpg --model-name efficientnet_lite0 [--url http://127.0.0.1:8000]
+    ['0.381', '282', 'tiger cat']
+    ['0.361', '285', 'Egyptian cat']
+    ...
 """
 import argparse
 import sys
