@@ -42,8 +42,11 @@ def patch_for_serve(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    patch_for_serve(argv)
+    """The `gateway` program (``argv`` None: the command line). Called in process with an
+    explicit ``argv`` (tests), nothing is patched: the caller's process stays as it was."""
+    if argv is None:
+        argv = sys.argv[1:]
+        patch_for_serve(argv)
     args = build_parser().parse_args(argv)
     return args.func(args)
 
