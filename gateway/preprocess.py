@@ -137,6 +137,12 @@ class PreprocessSpec:
         return width, height
 
 
+# Pillow's decompression-bomb warning is an error here, set once for the process: a
+# catch_warnings() per photo would rewrite the global warning filters from several threads at
+# once (not thread-safe) and reset Python's warn-once memory on every request.
+warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
 def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size=None) -> Image.Image:
     """Decode bytes into an RGB image, refusing anything that is not a sane picture.
 
@@ -148,23 +154,21 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000, draft_size=None) -> 
     if not data:
         raise ImageError("empty image: the body holds no bytes")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width < 1 or height < 1 or width > MAX_SIDE or height > MAX_SIDE:
-                raise ImageError(f"absurd image dimensions {width}x{height}")
-            if width * height > max_pixels:
-                raise ImageError(
-                    f"image has {width}x{height} = {width * height} pixels, "
-                    f"more than the limit of {max_pixels}")
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", _draft_target(img.size, draft_size))
-            img.load()
-            upright = to_rgb(ImageOps.exif_transpose(img))
-            turned = upright.size != img.size  # EXIF orientations 5-8 swap the axes
-            upright.info["original_size"] = (height, width) if turned else (width, height)
-            return upright
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width < 1 or height < 1 or width > MAX_SIDE or height > MAX_SIDE:
+            raise ImageError(f"absurd image dimensions {width}x{height}")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"image has {width}x{height} = {width * height} pixels, "
+                f"more than the limit of {max_pixels}")
+        if draft_size is not None and img.format == "JPEG":
+            img.draft("RGB", _draft_target(img.size, draft_size))
+        img.load()
+        upright = to_rgb(ImageOps.exif_transpose(img))
+        turned = upright.size != img.size  # EXIF orientations 5-8 swap the axes
+        upright.info["original_size"] = (height, width) if turned else (width, height)
+        return upright
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
