@@ -147,8 +147,12 @@ def _reload(config_path: Path, current: dict) -> None:
 def _offload_cpu(gateway, threads: int | None) -> None:
     """Under gevent (patched by the worker before the app loads): CPU work on a pool of native
     threads, and gRPC's client and server made cooperative."""
+    import gevent
     import gevent.threadpool
     from grpc.experimental import gevent as grpc_gevent
+
+    from gateway import deadlines
+    from gateway.errors import DeadlineExceeded
 
     grpc_gevent.init_gevent()
     # The event loop shares the GIL with the CPU threads: while one runs Python code (decoding,
@@ -157,7 +161,17 @@ def _offload_cpu(gateway, threads: int | None) -> None:
     if threads:
         gateway.cpu.limiter.limit = threads
     pool = gevent.threadpool.ThreadPool(gateway.cpu.limiter.limit)
-    gateway.cpu.offload = lambda fn, args: pool.apply(fn, args)
+
+    def offload(fn, args):
+        """``fn(*args)`` on a native thread; the request waits for it at most until its deadline."""
+        left = deadlines.remaining()
+        try:
+            return pool.spawn(fn, *args).get(timeout=None if left is None else max(left, 0.001))
+        except gevent.Timeout:
+            raise DeadlineExceeded("the request's deadline passed while its CPU work ran",
+                                   code="deadline_exceeded") from None
+
+    gateway.cpu.offload = offload
 
 
 def _port_free(host: str, port: int) -> bool:
