@@ -257,7 +257,9 @@ class TracingMiddleware:
         finally:
             _request_span.reset(marked)
             _otel.context.detach(token)
-        return _Body(body, lambda sent: _finish(current, environ, status[0] if status else "500", sent))
+        from gateway.api.access import CountedBody  # one body counter for the access log and the span
+
+        return CountedBody(body, lambda sent: _finish(current, environ, status[0] if status else "500", sent))
 
 
 def _finish(current: Any, environ: dict, status: str, sent: int) -> None:
@@ -268,32 +270,6 @@ def _finish(current: Any, environ: dict, status: str, sent: int) -> None:
     if code >= 500:
         current.set_status(_otel.Status(_otel.StatusCode.ERROR))
     current.end()
-
-
-class _Body:
-    """A response body passed through, its bytes counted; ``done(bytes)`` once, when it ends."""
-
-    def __init__(self, body: Iterable[bytes], done: Callable[[int], None]):
-        self.body, self.done, self.sent, self.finished = body, done, 0, False
-
-    def __iter__(self) -> Iterator[bytes]:
-        for chunk in self.body:
-            self.sent += len(chunk)
-            yield chunk
-        self._finish()
-
-    def close(self) -> None:
-        try:
-            close = getattr(self.body, "close", None)
-            if close is not None:
-                close()
-        finally:
-            self._finish()
-
-    def _finish(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self.done(self.sent)
 
 
 @contextlib.contextmanager

@@ -126,7 +126,7 @@ class AccessLog:
             status[:] = ["500"]
             self._write(environ, "500", started, 0)
             raise
-        return _Counted(body, lambda sent: self._write(environ, status[0] if status else "500", started, sent))
+        return CountedBody(body, lambda sent: self._write(environ, status[0] if status else "500", started, sent))
 
     def _write(self, environ: dict, status: str, started: float, sent: int) -> None:
         try:
@@ -135,7 +135,7 @@ class AccessLog:
             logging.getLogger("gateway").exception("access log line failed")
 
 
-class _Counted:
+class CountedBody:
     """A response body passed through, its bytes counted; ``done(bytes)`` once, when it ends."""
 
     def __init__(self, body: Iterable[bytes], done: Callable[[int], None]):
