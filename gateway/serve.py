@@ -102,6 +102,7 @@ def serve(args) -> int:
 
             app = create_app(current["config"])  # read (and validated) by the master: at start, or on SIGHUP
             gateway = app.extensions["gateway"]
+            gateway.warm()  # before serving: imports and first inferences on this thread, not a request's
             if args.front == "gevent":
                 _offload_cpu(gateway, threads)
             if grpc_port:

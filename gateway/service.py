@@ -8,6 +8,7 @@ the protocols on top (the JSON API, later others) only read requests and write a
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from gateway import admission, deadlines, metrics, postprocess, routing, tasks, tracing
 from gateway.backends.base import Backend
@@ -130,6 +132,34 @@ class Gateway:
                 if not backend.ready(route):
                     reason = backend.metadata(route).get("error", "not ready")
                     log.warning("model %s, route %s cannot serve: %s", route.model, route.name, reason)
+
+    def warm(self) -> None:
+        """Each model's CPU steps once, before the first request: every image format's decoder
+        imported (Pillow imports its plugins on first use), each route's preprocessing, each
+        in-process engine's first (slowest) inference. Why before: under the gevent front these
+        steps run on native threads, and a first import there takes importlib's per-module lock,
+        a gevent lock once the worker is patched; two threads importing at once could then wait
+        for each other for ever (seen: the first requests of a fresh worker hung to their deadline)."""
+        Image.init()
+        photos = []
+        for fmt in ("JPEG", "PNG"):
+            buffer = io.BytesIO()
+            Image.new("RGB", (64, 48), (200, 120, 40)).save(buffer, fmt)
+            photos.append(buffer.getvalue())
+        for model in self.config.models.values():
+            decoded = self.decode(photos, model)
+            chosen = model.task.options({}, self.config.server.default_top_k, len(model.labels))
+            for route in model.routes:
+                batch = tasks.prepare(decoded, route.preprocess)
+                if self.config.backends[route.backend].kind != "embedded":
+                    continue
+                try:
+                    raw = self.backends[route.backend].infer(route, batch)
+                    model.task.answer(raw, route, model.labels, tasks.sizes(decoded), chosen)
+                    postprocess.to_meaning(model.task.shaped(raw, route, len(model.labels)), route.output,
+                                           model.output)
+                except GatewayError:
+                    continue  # a route that cannot serve: load() named it
 
     def close(self) -> None:
         for backend in self.backends.values():

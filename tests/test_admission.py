@@ -180,3 +180,50 @@ def test_a_slow_upload_is_cut_with_408_and_others_are_served(start_gateway, chel
     # the body may take grace + its size at the minimum rate: 1 s + len / 20000 bytes/s
     allowed = 1.0 + len(chelsea_jpeg) / 20000
     assert allowed <= took < allowed + 2.0, (took, allowed)
+
+
+WARM_THEN_SERVE = """
+import io, sys
+from gevent import monkey; monkey.patch_all()  # as a gevent worker is patched
+import numpy as np
+from PIL import Image
+from gateway.app import create_app
+from gateway.config import load_config
+
+gateway = create_app(load_config("gateway.yaml")).extensions["gateway"]
+gateway.warm()
+before = set(sys.modules)
+
+def photo(fmt):
+    buffer = io.BytesIO()
+    Image.new("RGB", (90, 70), (10, 200, 30)).save(buffer, fmt)
+    return buffer.getvalue()
+
+for name, model in gateway.config.models.items():
+    for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF"):
+        gateway.infer(name, [photo(fmt)])
+        gateway.scores(name, [photo(fmt)])
+    gateway.scores(name, np.zeros((1, *model.preprocess.tensor_dims(model.preprocess.layout)), np.float32))
+    try:
+        gateway.infer(name, [b"not a photo"])
+    except Exception as exc:
+        assert type(exc).__name__ == "BadRequest", exc
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_after_warm_up_no_request_imports_a_module():
+    """`gateway serve` warms each worker (Gateway.warm) before it serves: afterwards no request,
+    of any task or photo format, imports a module. Under the gevent front those steps run on
+    native threads, where two first imports at once can wait on each other's gevent lock for
+    ever (seen: a fresh worker's first requests hung until their deadline). A fresh process:
+    this one has imported everything already."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    run = subprocess.run([sys.executable, "-c", WARM_THEN_SERVE], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout  # the modules first imported by a request

@@ -450,9 +450,11 @@ def served():
 
 
 def classify_route(url: str, photo: bytes, key: str | None = None, session=None) -> tuple[int, str | None]:
+    """The status and the route that answered (an error's message in its place)."""
     resp = (session or requests).post(f"{url}/v1/models/{MODEL}/classify", data=photo, timeout=60,
                                       headers={traffic.KEY_HEADER: key} if key else {})
-    return resp.status_code, resp.json().get("route")
+    body = resp.json()
+    return resp.status_code, body.get("route") if resp.ok else body.get("error", {}).get("message")
 
 
 def test_an_admin_change_reaches_every_worker_and_stats_add_up(served):
@@ -549,7 +551,7 @@ def test_sighup_reload_under_load_drops_nothing_and_an_invalid_file_is_refused(s
     failed = [r for r in results if r[1] != 200]
     print(f"{len(results)} requests in {time.monotonic() - start:.1f} s, switched after "
           f"{switched - start:.1f} s, {len(failed)} failed")
-    assert not failed, failed[:5]
+    assert not failed, (failed[:5], served.log())
     assert results[0][2] == "embedded" and all(r[2] == "embedded-b" for r in results if r[0] > switched)
     log = served.log_path.read_text(errors="replace")  # the whole log, access lines and all
     assert "reload refused, the running configuration stays: models.efficientnet_lite0.routes[0].wieght: " \
