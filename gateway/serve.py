@@ -62,6 +62,9 @@ def serve(args) -> int:
     os.environ["GATEWAY_WORKERS"] = str(args.workers)
     # traffic overrides, the change log and stats shared by the workers (gateway.traffic), gone with the server
     os.environ["GATEWAY_TRAFFIC_DIR"] = os.path.join(metrics_dir, "traffic")
+    from gateway import cores
+
+    cores.share()  # the workers' CPU steps counted together: an engine alone may take every core
     current = {"config": config}  # what new workers load: replaced on SIGHUP by a valid gateway.yaml
 
     from gunicorn import util

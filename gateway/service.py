@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gateway import admission, deadlines, metrics, postprocess, routing, tasks, tracing
+from gateway import admission, cores, deadlines, metrics, postprocess, routing, tasks, tracing
 from gateway.backends.base import Backend
 from gateway.backends.embedded import default_threads
 from gateway.backends.registry import backend_class
@@ -136,7 +136,7 @@ class Gateway:
     def warm(self) -> None:
         """Each model's CPU steps once, before the first request: every image format's decoder
         imported (Pillow imports its plugins on first use), each route's preprocessing, each
-        in-process engine's first (slowest) inference. Why before: under the gevent front these
+        in-process engine's first (slowest) inference, on each of its sessions. Why before: under the gevent front these
         steps run on native threads, and a first import there takes importlib's per-module lock,
         a gevent lock once the worker is patched; two threads importing at once could then wait
         for each other for ever (seen: the first requests of a fresh worker hung to their deadline)."""
@@ -154,7 +154,10 @@ class Gateway:
                 if self.config.backends[route.backend].kind != "embedded":
                     continue
                 try:
-                    raw = self.backends[route.backend].infer(route, batch)
+                    with cores.running():  # a step, as a request's is
+                        raw = self.backends[route.backend].infer(route, batch)  # alone: every core
+                        with cores.running():  # beside another step: the worker's share of the cores
+                            self.backends[route.backend].infer(route, batch)
                     model.task.answer(raw, route, model.labels, tasks.sizes(decoded), chosen)
                     postprocess.to_meaning(model.task.shaped(raw, route, len(model.labels)), route.output,
                                            model.output)

@@ -227,3 +227,46 @@ def test_after_warm_up_no_request_imports_a_module():
                          timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout  # the modules first imported by a request
+
+
+def test_a_freed_slot_goes_to_the_earliest_deadline_and_admitted_requests_are_never_refused():
+    """The CPU limiter's order (gateway.admission.Limiter): a request part-way through its CPU
+    steps waits for its next one ahead of later arrivals, and is not refused for the queue's length."""
+    import threading
+
+    from gateway.admission import Limiter
+    from gateway.errors import TooManyRequests
+
+    limiter, order, now = Limiter("the CPU", limit=1, queue=1), [], time.monotonic()
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with limiter.slot("m", None):
+            holding.set()
+            release.wait(10)
+
+    def wait_for(name, deadline, may_refuse=True):
+        with limiter.slot("m", deadline, may_refuse=may_refuse):
+            order.append(name)
+
+    threads = [threading.Thread(target=hold)]
+    threads[0].start()
+    holding.wait(10)
+    threads.append(threading.Thread(target=wait_for, args=("late arrival", now + 30)))
+    threads[-1].start()
+    while limiter.waiting < 1:
+        time.sleep(0.01)
+    with pytest.raises(TooManyRequests, match="1 requests in flight and 1 waiting"):
+        wait_for("refused", now + 30)  # a newcomer over the queue's bound
+    threads.append(threading.Thread(target=wait_for, args=("admitted earlier", now + 20, False)))
+    threads[-1].start()
+    while limiter.waiting < 2:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert order == ["admitted earlier", "late arrival"]
+    assert limiter.active == 0 and limiter.waiting == 0
+    with pytest.raises(Exception, match="deadline passed while it waited for the CPU"), limiter.slot("m", None):
+        wait_for("too late", time.monotonic() + 0.05)
+    assert limiter.active == 0 and limiter.waiting == 0

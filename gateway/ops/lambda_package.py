@@ -42,9 +42,9 @@ UNZIPPED_LIMIT = 250 * MIB  # Lambda refuses "Unzipped size must be smaller than
 DIRECT_UPLOAD_LIMIT = 50 * MIB  # a larger zip goes through S3
 # The gateway package's entries the bundle holds: what serves (an allowlist: a new module ships
 # once it is named here; tests/test_layout.py checks that the handler reaches nothing else).
-SHIPPED = ("__init__.py", "admission.py", "app.py", "breaker.py", "config.py", "deadlines.py", "detection.py",
-           "errors.py", "metrics.py", "postprocess.py", "preprocess.py", "routing.py", "service.py", "settings.py",
-           "tasks.py", "tracing.py", "traffic.py", "api", "backends", "data", "serverless", "v2")
+SHIPPED = ("__init__.py", "admission.py", "app.py", "breaker.py", "config.py", "cores.py", "deadlines.py",
+           "detection.py", "errors.py", "metrics.py", "postprocess.py", "preprocess.py", "routing.py", "service.py",
+           "settings.py", "tasks.py", "tracing.py", "traffic.py", "api", "backends", "data", "serverless", "v2")
 FORBIDDEN = ("torch", "tensorflow", "keras", "tritonclient")  # the heavy engines the bundle must not hold
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed entry dates: the same inputs give the same zip
 
