@@ -166,11 +166,12 @@ def start_standin(log_dir: Path, delay_ms: float = 100.0) -> tuple[Proc, int, in
     return proc, port, mport
 
 
-def write_config(folder: Path, standin: tuple[int, int] | None = None) -> Path:
+def write_config(folder: Path, standin: tuple[int, int] | None = None, server: dict | None = None) -> Path:
     """A config that extends the repo's gateway.yaml: the gRPC front on a free port (so that
-    it cannot clash with another gateway) and, given the stand-in engine's ports, the
-    torchserve and triton backends pointed at it."""
+    it cannot clash with another gateway), ``server`` keys set as given and, given the stand-in
+    engine's ports, the torchserve and triton backends pointed at it."""
     lines = [f"extends: {ROOT / 'gateway.yaml'}", "server:", f"  grpc_port: {free_port()}"]
+    lines += [f"  {key}: {value}" for key, value in (server or {}).items()]
     if standin:
         port, mport = standin
         lines += ["backends:",
