@@ -88,7 +88,8 @@ class Limiter:
             if may_refuse and self.max_wait_s and self.expected_wait_s() > self.max_wait_s:
                 self._refuse(model, f"{self.what}: the wait would be {self.expected_wait_s() * 1e3:.0f} ms, over "
                                     f"its bound of {self.max_wait_s * 1e3:.0f} ms; retry later")
-            waiter: list[Any] = [math.inf if deadline is None else deadline, next(self._arrivals), threading.Event(), False]
+            waiter: list[Any] = [math.inf if deadline is None else deadline, next(self._arrivals),
+                                 threading.Event(), False]
             heapq.heappush(self._waiters, waiter)
         metrics.QUEUED.labels(model).inc()
         started = time.monotonic()

@@ -58,8 +58,8 @@ class ServerSettings(Settings):
     # Admission control, per worker process (gateway/admission.py); 0: derived from the machine.
     max_in_flight: NonNegInt = 0  # requests admitted at once over every model (0: 512)
     max_queued: NonNegInt = 0  # requests waiting for a slot before 429s (0: 64)
-    cpu_threads: NonNegInt = 0  # CPU work (decode, preprocess, embedded inference) at once (0: cores/workers)
-    cpu_queue: NonNegInt = 0  # CPU work waiting before 429s (0: 16 x cpu_threads)
+    cpu_threads: NonNegInt = 0  # CPU work (decode, preprocess, embedded inference) at once per worker (0: the cores)
+    cpu_queue: NonNegInt = 0  # CPU work waiting per worker before 429s (0: 16 x cores / workers)
     cpu_max_wait_ms: NonNegInt = 200  # 429 when the CPU work ahead would take longer than this (0: no bound)
     min_upload_bytes_per_s: NonNegInt = 1024  # a body slower than this for upload_grace_s is cut (408); 0: never
     upload_grace_s: Annotated[float, Field(strict=True, gt=0)] = 10.0
