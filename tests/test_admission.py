@@ -182,6 +182,26 @@ def test_a_slow_upload_is_cut_with_408_and_others_are_served(start_gateway, chel
     assert allowed <= took < allowed + 2.0, (took, allowed)
 
 
+def test_a_body_cut_short_by_its_client_never_reaches_the_app(start_gateway, chelsea_jpeg):
+    """A client that closes its side before its Content-Length has arrived gets a 400 naming the
+    bytes that came, and its half photo is never decoded (a burst of them once took the CPU
+    queue's places from other clients)."""
+    url = start_gateway(load_yaml_config(), workers=1)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as client:
+        client.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                       b"Content-Length: %d\r\n\r\n" % len(chelsea_jpeg) + chelsea_jpeg[:1000])
+        client.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"incomplete_body" in answer and b"after 1000 of its %d bytes" % len(chelsea_jpeg) in answer
+    # the app would have answered its own decoding error; the server serves on
+    assert post(url, "efficientnet_lite0", chelsea_jpeg, timeout=10).json()["results"][0]["predictions"][0][
+        "index"] in CAT
+
+
 WARM_THEN_SERVE = """
 import io, sys
 from gevent import monkey; monkey.patch_all()  # as a gevent worker is patched

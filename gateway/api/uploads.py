@@ -21,6 +21,10 @@ class TooSlow(Exception):
     pass
 
 
+class Incomplete(Exception):
+    """The client closed its side before the body's Content-Length had arrived."""
+
+
 def _gevent_running() -> bool:
     """Whether gevent patched this process (the gevent front)."""
     try:
@@ -49,7 +53,9 @@ class UploadGuard:
                 if read is not None:
                     read.set_attribute("bytes", len(body))
         except TooSlow as exc:
-            return self._cut(str(exc), start_response)
+            return self._cut(408, "upload_too_slow", str(exc), start_response)
+        except Incomplete as exc:  # the client is gone: nothing to decode (a burst of these once cost
+            return self._cut(400, "incomplete_body", str(exc), start_response)  # other clients 429s)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         return self.app(environ, start_response)
@@ -82,6 +88,9 @@ class UploadGuard:
                     raise TooSlow(f"the request body stalled: nothing arrived for {self.grace:g} s "
                                   f"({got} of {size if size is not None else '?'} bytes read)") from None
                 if not data:
+                    if size is not None:
+                        raise Incomplete(f"the request body ended after {got} of its {size} bytes "
+                                         "(Content-Length): the client closed the connection early")
                     break
                 parts.append(data)
                 got += len(data)
@@ -95,9 +104,10 @@ class UploadGuard:
         return b"".join(parts)
 
     @staticmethod
-    def _cut(message: str, start_response):
-        metrics.ERRORS.labels("408", "upload_too_slow").inc()
-        body = json.dumps({"error": {"code": "upload_too_slow", "message": message}}).encode()
-        start_response("408 Request Timeout", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
-                                               ("Connection", "close")])
+    def _cut(status: int, code: str, message: str, start_response):
+        metrics.ERRORS.labels(str(status), code).inc()
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        reason = "Request Timeout" if status == 408 else "Bad Request"
+        start_response(f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                                              ("Connection", "close")])
         return [body]
