@@ -60,13 +60,10 @@ class Limiter:
         finally:
             with self._lock:
                 self.mean_hold_s += 0.05 * (time.monotonic() - held - self.mean_hold_s)
-                while self._waiters:
+                if self._waiters:  # (a waiter that gives up leaves the heap under this lock)
                     waiter = heapq.heappop(self._waiters)
-                    if waiter[3] is None:  # it gave up
-                        continue
                     waiter[3] = True  # the slot passes to it: `active` stays
                     waiter[2].set()
-                    break
                 else:
                     self.active -= 1
 
@@ -98,8 +95,7 @@ class Limiter:
             with self._lock:
                 if waiter[3]:
                     return
-                waiter[3] = None  # gave up: skipped when a slot is handed over
-                self._waiters.remove(waiter)
+                self._waiters.remove(waiter)  # gave up: no slot can be handed to it any more
                 heapq.heapify(self._waiters)
             metrics.REJECTED.labels(model, f"{self.what} deadline").inc()
             raise DeadlineExceeded(f"the request's deadline passed while it waited for {self.what}",

@@ -54,8 +54,8 @@ class UploadGuard:
                     read.set_attribute("bytes", len(body))
         except TooSlow as exc:
             return self._cut(408, "upload_too_slow", str(exc), start_response)
-        except Incomplete as exc:  # the client is gone: nothing to decode (a burst of these once cost
-            return self._cut(400, "incomplete_body", str(exc), start_response)  # other clients 429s)
+        except Incomplete as exc:  # the client is gone: its half photo is not worth decoding
+            return self._cut(400, "incomplete_body", str(exc), start_response)
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
         return self.app(environ, start_response)
